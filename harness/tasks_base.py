@@ -1,0 +1,106 @@
+"""What every task plugin shares: its config schema, data loading (hub or local files), prompt rendering."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from harness.types import Example, Score, UserError
+
+PROMPT_STYLES = ("chat", "raw_think")
+
+
+@dataclass
+class SamplingDefaults:
+    """A task's sampling defaults; the reasoning-model literature's unless a task says otherwise."""
+    n: int = 1
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 0
+    max_new_tokens: int = 32768
+
+
+@dataclass
+class TaskConfig:
+    name: str = "???"
+    data_files: Optional[Any] = None      # local jsonl/json/parquet path(s) instead of the hub
+    revision: Optional[str] = None        # hub dataset revision (commit/tag)
+    limit: Optional[int] = None           # evaluate only the first N examples (after any ordering)
+    prompt_style: str = "chat"            # chat: model's chat template; raw_think: raw text ending "<think>\n"
+    enable_thinking: Optional[bool] = None   # passed to chat templates that support it
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+
+
+class BaseTask:
+    """Subclasses set `Config`, `breakdown_keys`, and implement load/prompt_text/score."""
+    name: str
+    Config = TaskConfig
+    breakdown_keys: tuple[str, ...] = ()
+
+    def __init__(self, cfg: TaskConfig):
+        if cfg.prompt_style not in PROMPT_STYLES:
+            raise UserError(f"task.prompt_style={cfg.prompt_style!r} is not allowed; allowed: {', '.join(PROMPT_STYLES)}")
+        if cfg.limit is not None and cfg.limit < 1:
+            raise UserError(f"task.limit={cfg.limit!r} is not allowed; allowed: a positive integer or null")
+        self.cfg = cfg
+
+    # --- the Task protocol -------------------------------------------------------------
+    def examples(self) -> list[Example]:
+        exs = self.load()
+        return exs[: self.cfg.limit] if self.cfg.limit else exs
+
+    def prompt(self, ex: Example) -> list[dict] | str:
+        text = self.prompt_text(ex)
+        if self.cfg.prompt_style == "raw_think":
+            return text + "\n<think>\n"
+        return [{"role": "user", "content": text}]
+
+    def score(self, ex: Example, completion: str, finish_reason: str = "stop") -> Score:
+        raise NotImplementedError
+
+    # --- for subclasses ----------------------------------------------------------------
+    def load(self) -> list[Example]:
+        raise NotImplementedError
+
+    def prompt_text(self, ex: Example) -> str:
+        raise NotImplementedError
+
+
+def read_local_records(data_files, key: str = "task.data_files") -> list[dict]:
+    """Rows of local jsonl / json / parquet / csv files, in file order."""
+    import pandas as pd
+    import json
+
+    paths = [data_files] if isinstance(data_files, (str, Path)) else list(data_files)
+    rows: list[dict] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise UserError(f"{key}={str(p)!r}: no such file")
+        suffix = p.suffix.lower()
+        if suffix == ".jsonl":
+            with p.open(encoding="utf-8") as f:
+                rows += [json.loads(line) for line in f if line.strip()]
+        elif suffix == ".json":
+            obj = json.loads(p.read_text(encoding="utf-8"))
+            rows += obj if isinstance(obj, list) else obj.get("examples", obj.get("data", []))
+        elif suffix == ".parquet":
+            rows += pd.read_parquet(p).to_dict("records")
+        elif suffix == ".csv":
+            rows += pd.read_csv(p).to_dict("records")
+        else:
+            raise UserError(f"{key}={str(p)!r}: unsupported file type {suffix!r}; allowed: .jsonl, .json, .parquet, .csv")
+    return rows
+
+
+def load_hub_records(path: str, name: str | None, split: str, revision: str | None, task: str) -> list[dict]:
+    """Rows of a hub dataset; offline or gated failures become a message that says what to do."""
+    try:
+        import datasets
+        ds = datasets.load_dataset(path, name, split=split, revision=revision)
+    except Exception as e:  # the datasets library raises many types for "cannot reach / not allowed"
+        raise UserError(
+            f"task {task}: could not load the hub dataset {path!r}"
+            f"{f' (config {name!r})' if name else ''}, split {split!r}: {type(e).__name__}: {str(e).splitlines()[0][:300]}\n"
+            f"  If it is gated, accept its terms on the hub and run `hf auth login`; if this machine is offline, "
+            f"download it elsewhere and pass task.data_files=<local .jsonl/.json/.parquet>") from None
+    return [dict(r) for r in ds]

@@ -1,0 +1,87 @@
+"""The small interfaces every plugin speaks (see DESIGN.md, "Interfaces")."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for. The CLI prints the message, no traceback, and exits 2."""
+
+
+# ---------------------------------------------------------------- tasks
+
+@dataclass
+class Example:
+    """One benchmark problem. `id` is stable across runs (it keys samples.jsonl and per-sample seeds)."""
+    id: str
+    question: Any                       # task-specific payload (text, or dict of fields)
+    gold: str                           # reference answer in the task's canonical form
+    meta: dict = field(default_factory=dict)   # breakdown keys (subject, level, year, ...)
+
+
+@dataclass
+class Score:
+    correct: bool
+    parsed: str | None                  # the answer extracted from the completion (None: no answer found)
+    truncated: bool = False             # no </think> or hit the token limit: scored wrong and counted
+    extra: dict = field(default_factory=dict)   # anything worth recording per sample
+
+
+class Task(Protocol):
+    name: str
+
+    def examples(self) -> list[Example]: ...
+
+    def prompt(self, ex: Example) -> list[dict] | str: ...   # chat messages, or a raw string
+
+    def score(self, ex: Example, completion: str, finish_reason: str = "stop") -> Score: ...
+
+
+# ---------------------------------------------------------------- generation
+
+@dataclass
+class Sampling:
+    n: int = 1
+    temperature: float = 0.0            # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0                      # 0 = off
+    max_new_tokens: int = 256
+    seed: int = 0
+
+
+@dataclass
+class Completion:
+    text: str
+    n_tokens: int
+    finish_reason: str                  # "stop" | "length"
+
+
+class Backend(Protocol):
+    def generate(self, prompts: list[str], sampling: Sampling,
+                 seeds: list[list[int]] | None = None) -> list[list[Completion]]: ...
+
+
+# ---------------------------------------------------------------- quantization
+
+@dataclass
+class QuantizedLinear:
+    """What the exporter needs for one linear: integer codes and the grid they live on."""
+    codes: Any          # uint8 tensor [out, in], values in [0, 2^bits - 1]
+    scale: Any          # float tensor [out, n_groups]
+    zero: Any           # integer-valued tensor [out, n_groups], unsigned convention
+    bits: int
+    group_size: int     # -1 = per output channel
+    sym: bool
+
+
+@dataclass
+class QuantResult:
+    layers: dict[str, QuantizedLinear] = field(default_factory=dict)   # module name -> codes
+    info: dict = field(default_factory=dict)                             # method-specific log
+
+
+class Method(Protocol):
+    name: str
+
+    def quantize(self, model, ctx) -> QuantResult: ...

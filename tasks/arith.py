@@ -1,0 +1,37 @@
+"""The toy's task: chained integer arithmetic, held-out problems, exact match of the boxed answer."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from harness.registry import register_task
+from harness.scoring import last_boxed, split_reasoning
+from harness.tasks_base import BaseTask, SamplingDefaults, TaskConfig
+from harness.toy import arith
+from harness.types import Example, Score
+
+
+@dataclass
+class ArithConfig(TaskConfig):
+    n_problems: int = 500                 # size of the held-out split evaluated
+    split_seed: int = 0                   # which held-out problems (independent of the run seed)
+    sampling: SamplingDefaults = field(
+        default_factory=lambda: SamplingDefaults(temperature=0.0, top_p=1.0, max_new_tokens=128))
+
+
+@register_task("arith")
+class ArithTask(BaseTask):
+    Config = ArithConfig
+    breakdown_keys = ("n_terms",)
+
+    def load(self) -> list[Example]:
+        return [Example(id=f"arith-{i}", question=p.question(), gold=str(p.answer),
+                        meta={"n_terms": len(p.terms)})
+                for i, p in enumerate(arith.problems("test", self.cfg.n_problems, self.cfg.split_seed))]
+
+    def prompt_text(self, ex: Example) -> str:
+        return ex.question
+
+    def score(self, ex: Example, completion: str, finish_reason: str = "stop") -> Score:
+        answer_text, truncated = split_reasoning(completion, finish_reason)
+        parsed = last_boxed(answer_text) if not truncated else None
+        return Score(correct=parsed is not None and parsed == ex.gold, parsed=parsed, truncated=truncated)
