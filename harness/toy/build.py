@@ -23,11 +23,24 @@ from harness.toy.tokenizer import build_tokenizer
 
 ASSETS = Path(__file__).parent / "assets"
 TOY_MODELS = ("toy-base", "toy")
-TRAIN_THREADS = 2     # part of the recipe: bit-for-bit reproduction needs the same thread count
 
 
 def toy_path(name: str) -> Path:
     return ASSETS / name
+
+
+def ensure_toy(name: str) -> Path:
+    """Path of a toy checkpoint, training the zoo first if it is not there (once, under a lock)."""
+    from filelock import FileLock
+    path = toy_path(name)
+    if (path / "model.safetensors").exists():
+        return path
+    ASSETS.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(ASSETS / ".build.lock")):
+        if not (path / "model.safetensors").exists():
+            print("[rqbench] toy models are missing: training them (a few minutes on 2 cores)", file=sys.stderr)
+            build(ASSETS)
+    return path
 
 
 def _save(model, tok, out: Path, meta: dict) -> None:
@@ -48,18 +61,18 @@ def weights_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def build(dest: Path = ASSETS, base_recipe=toy_train.BASE_RECIPE, ft_recipe=toy_train.FINETUNE_RECIPE) -> dict:
+def build(dest: Path = ASSETS, base_recipe=toy_train.BASE_RECIPE, ft_recipes=toy_train.FINETUNE_RECIPES) -> dict:
     """Train toy-base then toy (fine-tuned from it) and save both under `dest`."""
     prev = torch.get_num_threads()
-    torch.set_num_threads(TRAIN_THREADS)
     try:
         tok = build_tokenizer()
         model = toy_train.new_model(tok, seed=0)
         t0 = time.time()
         base_losses = toy_train.train(model, tok, base_recipe, desc="toy-base")
         _save(model, tok, dest / "toy-base", {"recipe": vars(base_recipe), "final_loss": base_losses[-1]})
-        ft_losses = toy_train.train(model, tok, ft_recipe, desc="toy (fine-tune)")
-        _save(model, tok, dest / "toy", {"recipe": vars(ft_recipe), "base": "toy-base",
+        for k, recipe in enumerate(ft_recipes):
+            ft_losses = toy_train.train(model, tok, recipe, desc=f"toy (fine-tune stage {k + 1})")
+        _save(model, tok, dest / "toy", {"recipes": [vars(r) for r in ft_recipes], "base": "toy-base",
                                          "final_loss": ft_losses[-1]})
         return {"seconds": time.time() - t0, "base_loss": base_losses[-1], "toy_loss": ft_losses[-1]}
     finally:

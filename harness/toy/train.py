@@ -25,10 +25,14 @@ class TrainRecipe:
     warmup: int = 50
     with_reasoning: bool = True
     seed: int = 0
+    threads: int = 2        # part of the recipe: bit-for-bit reproduction needs the same thread count
 
 
 BASE_RECIPE = TrainRecipe(steps=200, batch_size=48, with_reasoning=False, seed=1)
-FINETUNE_RECIPE = TrainRecipe(steps=1400, batch_size=48, lr=3e-3, with_reasoning=True, seed=2)
+# Fine-tuning runs in two stages (a high-lr stage, then a low-lr polish with bigger batches).
+FINETUNE_RECIPES = (TrainRecipe(steps=1400, batch_size=48, lr=3e-3, with_reasoning=True, seed=2),
+                    TrainRecipe(steps=1000, batch_size=64, lr=1e-3, warmup=20, with_reasoning=True, seed=3,
+                                threads=1))
 
 
 def toy_config(vocab_size: int) -> Qwen3Config:
@@ -68,6 +72,7 @@ def _batch(tok, problems, with_reasoning):
 def train(model: Qwen3ForCausalLM, tok, recipe: TrainRecipe, desc: str = "train") -> list[float]:
     """Train in place; returns the loss curve. Same recipe + same start weights -> same result."""
     torch.manual_seed(recipe.seed)
+    torch.set_num_threads(recipe.threads)
     rng = random.Random(recipe.seed)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.98))

@@ -1,0 +1,374 @@
+"""One run: load -> quantize (cached) -> generate (streamed, resumable) -> score -> metrics.json."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import resource
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from harness import __version__
+from harness.config import RunSpec
+from harness.metrics import compute_metrics
+from harness.quant.context import QuantContext
+from harness.quant.select import quantizable_linears
+from harness.seeding import sample_seed
+from harness.store import SampleStore, cached_dir, stable_hash, write_json_atomic
+from harness.types import UserError
+
+
+def log(msg: str) -> None:
+    print(f"[rqbench] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ model loading
+
+def model_source(spec: RunSpec) -> str:
+    """Local dir or hub id of the model to evaluate (the toy zoo resolves to shipped checkpoints)."""
+    from harness.toy.build import TOY_MODELS, ensure_toy
+    m = spec.model
+    if m.path:
+        return m.path
+    if m.name in TOY_MODELS:
+        return str(ensure_toy(m.name))
+    return m.name
+
+
+def _dtype(name: str):
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}[name]
+
+
+def load_tokenizer(source: str, spec: RunSpec):
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(source, revision=spec.model.revision,
+                                            trust_remote_code=spec.model.trust_remote_code)
+    except Exception as e:
+        raise UserError(f"model.path={source!r}: could not load its tokenizer ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:300]}). Pass a local HF checkpoint dir, or check the hub id "
+                        f"and that this machine can reach the hub.") from None
+    tok.padding_side = "left"
+    return tok
+
+
+def load_model(source: str, spec: RunSpec, device: torch.device):
+    from transformers import AutoModelForCausalLM
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, revision=spec.model.revision, dtype=_dtype(spec.model.dtype),
+                                                     trust_remote_code=spec.model.trust_remote_code)
+    except Exception as e:
+        raise UserError(f"model.path={source!r}: could not load the model ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:300]}).") from None
+    return model.to(device).eval()
+
+
+def check_spec_before_loading(source: str, spec: RunSpec) -> None:
+    """Group size vs layer widths, on a weightless (meta) model built from config.json alone."""
+    if not getattr(spec.method_cls, "quantizes", True):
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM
+    try:
+        config = AutoConfig.from_pretrained(source, revision=spec.model.revision,
+                                            trust_remote_code=spec.model.trust_remote_code)
+    except Exception as e:
+        raise UserError(f"model.path={source!r}: could not read its config ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:300]})") from None
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.model.trust_remote_code)
+    linears = quantizable_linears(skeleton, spec.method_cfg.include, spec.method_cfg.exclude)
+    if not linears:
+        raise UserError(f"method.include={spec.method_cfg.include!r} selects no Linear module of this model")
+    for name, lin in linears.items():
+        spec.spec.check_width(name, lin.in_features)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={name!r} but CUDA is not available here; allowed: auto, cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device={name!r} is not a device; allowed: auto, cpu, cuda, cuda:N") from None
+
+
+# ------------------------------------------------------------------ naming and keys
+
+def method_code_version(cls) -> str:
+    """Hash of the method's module source: editing the algorithm invalidates its cached checkpoints."""
+    return hashlib.sha256(inspect.getsource(sys.modules[cls.__module__]).encode()).hexdigest()[:12]
+
+
+def quant_label(spec: RunSpec) -> str:
+    if not getattr(spec.method_cls, "quantizes", True):
+        return spec.method_cls.name
+    s = spec.spec
+    return f"{spec.method_cls.name}-w{s.bits}g{s.group_size}{'-sym' if s.sym else ''}"
+
+
+def model_fingerprint(source: str) -> str | None:
+    """Content fingerprint of a local checkpoint dir (a retrained model must not hit a stale cache).
+
+    Hashes config.json and, per weight file, its size plus its first and last MiB: cheap for a 70B
+    model, and any real retraining changes those bytes.
+    """
+    root = Path(source)
+    if not root.is_dir():
+        return None                      # a hub id: the revision identifies it
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.iterdir() if p.name == "config.json" or p.suffix in (".safetensors", ".bin")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with f.open("rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), 2)
+                h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def checkpoint_key(spec: RunSpec, source: str) -> dict:
+    uses_calib = getattr(spec.method_cls, "uses_calibration", False)
+    return {
+        "model": source, "revision": spec.model.revision, "dtype": spec.model.dtype,
+        "model_fingerprint": model_fingerprint(source),
+        "method": dataclasses.asdict(spec.method_cfg), "method_code": method_code_version(spec.method_cls),
+        "quant": dataclasses.asdict(spec.spec), "export": spec.top.export,
+        "calib": OmegaConf.to_container(spec.calib) if uses_calib and spec.calib is not None else None,
+    }
+
+
+def run_dir(spec: RunSpec, run_tag: str = "") -> Path:
+    model = spec.model.name.replace("/", "--")
+    variant = quant_label(spec) + (f"-{run_tag}" if run_tag else "")
+    return Path(spec.top.results_dir) / model / variant / spec.task_cls.name / f"seed{spec.top.seed}"
+
+
+# ------------------------------------------------------------------ stages
+
+class Timer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+def render_prompt(tok, prompt, enable_thinking) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    if not getattr(tok, "chat_template", None):
+        raise UserError("this model's tokenizer has no chat template; use task.prompt_style=raw_think")
+    kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    return tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, **kwargs)
+
+
+def load_or_quantize(spec: RunSpec, tok, source: str, device, cfg_dict: dict, timer: Timer):
+    """The model to evaluate: the original (fp), a cached quantized checkpoint, or one quantized now.
+
+    The cache is checked before the full-precision model is loaded, so a sweep over tasks and seeds
+    pays for loading and quantizing once.
+    """
+    if not getattr(spec.method_cls, "quantizes", True):
+        with timer.stage("load"):
+            return load_model(source, spec, device), {"checkpoint": source, "cached": False}
+    from harness.quant.export import load_checkpoint, save_checkpoint
+    key = checkpoint_key(spec, source)
+    name = f"{quant_label(spec)}-{stable_hash(key)}"
+    root = Path(spec.top.cache_dir).expanduser() / "checkpoints" / spec.model.name.replace("/", "--")
+    built: dict = {}
+
+    def build(tmp: Path) -> None:
+        with timer.stage("load"):
+            model = load_model(source, spec, device)
+        ctx = QuantContext(spec=spec.spec, method_cfg=spec.method_cfg, tokenizer=tok,
+                           calib=_calibration(spec, tok, model, device), device=device,
+                           model_path=Path(source) if Path(source).exists() else None,
+                           cache_dir=Path(spec.top.cache_dir).expanduser(), progress=spec.top.progress)
+        with timer.stage("quantize"):
+            result = spec.method_cls(spec.method_cfg).quantize(model, ctx)
+        with timer.stage("export"):
+            save_checkpoint(model, tok, result, tmp, spec.top.export,
+                            provenance={"method": spec.method_cls.name, "key": key,
+                                        "rqbench_version": __version__, "config": cfg_dict})
+            (tmp / "rqbench_key.json").write_text(json.dumps(key, indent=1, default=str) + "\n")
+        built["model"] = model
+
+    path, _ = cached_dir(root, name, build, on_wait=lambda: log(f"another job is quantizing {name}; waiting"))
+    if "model" in built:    # quantized here: the in-memory weights are exactly the exported ones
+        return built["model"], {"checkpoint": str(path), "cached": False}
+    log(f"reusing cached checkpoint {path}")
+    with timer.stage("load"):
+        model = load_checkpoint(path, dtype=_dtype(spec.model.dtype)).to(device).eval()
+    return model, {"checkpoint": str(path), "cached": True}
+
+
+def _calibration(spec: RunSpec, tok, model, device):
+    if not getattr(spec.method_cls, "uses_calibration", False) or spec.calib is None:
+        return None
+    from harness.calib import calibration_ids
+    from harness.backends.hf import HFBackend, HFBackendConfig
+    from harness.types import Sampling
+
+    def generate(prompts: list[str], max_new_tokens: int = 1024, seed: int = 0) -> list[str]:
+        backend = HFBackend(HFBackendConfig(), model, tok, device, progress=spec.top.progress)
+        outs = backend.generate(prompts, Sampling(n=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=seed))
+        return [o[0].text for o in outs]
+
+    cache = Path(spec.top.cache_dir).expanduser()
+    return lambda: calibration_ids(spec.calib, tok, cache_dir=cache, generate=generate)
+
+
+def make_backend(spec: RunSpec, model, tok, device, ckpt_path: str):
+    from harness import registry
+    from harness.config import typed
+    name = spec.backend_name
+    if name == "auto":
+        name = "vllm" if (device.type == "cuda" and _vllm_importable()) else "hf"
+        log(f"backend=auto picked {name}")
+    cls = registry.get("backend", name)
+    cfg = typed(cls.Config, {**OmegaConf.to_container(spec.backend_node), "name": name}, "backend")
+    if name == "hf":
+        return cls(cfg, model, tok, device, progress=spec.top.progress)
+    return cls(cfg, model_path=ckpt_path, tokenizer=tok)
+
+
+def _vllm_importable() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("vllm") is not None
+
+
+def generate_and_score(spec: RunSpec, task, examples, backend, tok, store: SampleStore, timer: Timer) -> None:
+    by_id = {ex.id: ex for ex in examples}
+    if len(by_id) != len(examples):
+        raise UserError(f"task {task.name}: example ids are not unique")
+    done = store.done()
+    prompts = {ex.id: render_prompt(tok, task.prompt(ex), getattr(task.cfg, "enable_thinking", None)) for ex in examples}
+    pending = [(ex.id, j) for ex in examples for j in range(spec.sampling.n) if (ex.id, j) not in done]
+    if not pending:
+        return
+    log(f"{len(pending)} samples to generate ({len(done)} already in {store.path})")
+    # Sorted by prompt length so similar lengths share a batch (less padding).
+    pending.sort(key=lambda r: len(prompts[r[0]]))
+    chunk = getattr(backend, "stream_rows", None) or getattr(backend.cfg, "batch_size", 64)
+    for start in range(0, len(pending), chunk):
+        rows = pending[start:start + chunk]
+        ids = list(dict.fromkeys(r[0] for r in rows))
+        per_id = {i: [j for (k, j) in rows if k == i] for i in ids}
+        seeds = [[sample_seed(spec.sampling.seed, i, j) for j in per_id[i]] for i in ids]
+        with timer.stage("generate"):
+            outs = backend.generate([prompts[i] for i in ids], spec.sampling, seeds)
+        recs = []
+        with timer.stage("score"):
+            for i, seed_list, comps in zip(ids, seeds, outs):
+                ex = by_id[i]
+                for j, seed, c in zip(per_id[i], seed_list, comps):
+                    s = task.score(ex, closed_think_prefill(prompts[i]) + c.text, c.finish_reason)
+                    recs.append({"id": i, "sample": j, "seed": seed, "prompt": prompts[i], "completion": c.text,
+                                 "n_tokens": c.n_tokens, "finish_reason": c.finish_reason, "gold": ex.gold,
+                                 "parsed": s.parsed, "correct": bool(s.correct), "truncated": bool(s.truncated),
+                                 "meta": ex.meta, "extra": s.extra})
+        store.append(recs)
+
+
+def closed_think_prefill(prompt: str) -> str:
+    """The think block a prompt already closed (e.g. `enable_thinking=False` pre-fills "<think>\\n\\n</think>").
+
+    The model never writes that `</think>` itself, so scoring must see it, or every sample would
+    count as truncated.
+    """
+    start = prompt.rfind("<think>")
+    return prompt[start:] if start >= 0 and "</think>" in prompt[start:] else ""
+
+
+def rescore(task, store: SampleStore) -> list[dict]:
+    by_id = {ex.id: ex for ex in task.examples()}
+    out = []
+    for r in store.records:
+        if r["id"] in by_id:
+            s = task.score(by_id[r["id"]], closed_think_prefill(r["prompt"]) + r["completion"], r["finish_reason"])
+            out.append({**r, "parsed": s.parsed, "correct": bool(s.correct), "truncated": bool(s.truncated),
+                        "extra": s.extra})
+    return out
+
+
+def peak_memory() -> dict:
+    mem = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        mem["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return mem
+
+
+def run(spec: RunSpec, cfg_dict: dict, run_tag: str = "") -> dict:
+    timer = Timer()
+    out_dir = run_dir(spec, run_tag)
+    eval_key = {"model": spec.model.name, "path": spec.model.path, "revision": spec.model.revision,
+                "method": dataclasses.asdict(spec.method_cfg), "quant": dataclasses.asdict(spec.spec),
+                "task": dataclasses.asdict(spec.task_cfg), "sampling": dataclasses.asdict(spec.sampling),
+                "calib": cfg_dict.get("calib") if getattr(spec.method_cls, "uses_calibration", False) else None}
+    _guard_run_dir(out_dir, eval_key)
+    device = pick_device(spec.top.device)
+    task = spec.task_cls(spec.task_cfg)
+    examples = None if hasattr(task, "evaluate_model") else task.examples()   # data problems before model load
+    source = model_source(spec)
+    check_spec_before_loading(source, spec)
+    log(f"run dir {out_dir}")
+    OmegaConf.save(OmegaConf.create(cfg_dict), out_dir / "config.yaml")
+
+    with timer.stage("load"):
+        tok = load_tokenizer(source, spec)
+    model, ckpt = load_or_quantize(spec, tok, source, device, cfg_dict, timer)
+
+    if hasattr(task, "evaluate_model"):
+        with timer.stage("evaluate"):
+            metrics = task.evaluate_model(model, tok, out_dir)
+        n_tokens = 0
+    else:
+        store = SampleStore(out_dir / "samples.jsonl")
+        backend = make_backend(spec, model, tok, device, ckpt["checkpoint"])
+        generate_and_score(spec, task, examples, backend, tok, store, timer)
+        ids = {ex.id for ex in examples}
+        records = rescore(task, store) if spec.top.rescore else [r for r in store.records if r["id"] in ids]
+        metrics = compute_metrics(records, task.breakdown_keys)
+        n_tokens = int(sum(r["n_tokens"] for r in records))
+
+    result = {
+        "model": spec.model.name, "method": spec.method_cls.name,
+        "bits": spec.spec.bits if getattr(spec.method_cls, "quantizes", True) else 16,
+        "group_size": spec.spec.group_size if getattr(spec.method_cls, "quantizes", True) else None,
+        "sym": spec.spec.sym, "task": spec.task_cls.name, "seed": spec.top.seed, "run_tag": run_tag,
+        "export": spec.top.export, "sampling": dataclasses.asdict(spec.sampling),
+        "metrics": metrics, "seconds": {k: round(v, 3) for k, v in timer.seconds.items()},
+        "tokens_generated": n_tokens, "memory": peak_memory(), "checkpoint": ckpt,
+        "rqbench_version": __version__,
+    }
+    write_json_atomic(out_dir / "metrics.json", result)
+    return result
+
+
+def _guard_run_dir(out_dir: Path, eval_key: dict) -> None:
+    """Never mix samples of two different configurations in one run directory."""
+    key_file = out_dir / "run_key.json"
+    digest = stable_hash(eval_key)
+    if key_file.exists():
+        old = json.loads(key_file.read_text())
+        if old.get("digest") != digest:
+            diff = sorted(k for k in eval_key if stable_hash(eval_key[k]) != stable_hash(old.get("key", {}).get(k)))
+            raise UserError(f"{out_dir} already holds a run with a different configuration (differs in: "
+                            f"{', '.join(diff)}). Give this variant its own directory with run_tag=<name>, "
+                            f"or choose another results_dir.")
+        return
+    write_json_atomic(key_file, {"digest": digest, "key": eval_key})

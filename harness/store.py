@@ -1,0 +1,115 @@
+"""Plain files that never lose work: streamed samples.jsonl, atomic JSON, a locked checkpoint cache."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable
+
+from filelock import FileLock
+
+
+def stable_hash(obj) -> str:
+    """Short hash of a JSON-able object, independent of dict order."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=False, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class SampleStore:
+    """samples.jsonl: one JSON record per (example id, sample index), appended as soon as it exists.
+
+    Opening repairs a torn last line (a job killed mid-write) by cutting the file back to the last
+    complete record, so a rerun resumes with nothing lost and nothing duplicated.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.records: list[dict] = []
+        self._repair_and_load()
+
+    def _repair_and_load(self) -> None:
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        good_end, seen = 0, set()
+        pos = 0
+        while pos < len(data):
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                break                       # no newline: the last write was cut short
+            line = data[pos:nl]
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            key = (rec["id"], rec["sample"])
+            if key not in seen:
+                seen.add(key)
+                self.records.append(rec)
+            pos = good_end = nl + 1
+        if good_end < len(data):
+            with self.path.open("r+b") as f:
+                f.truncate(good_end)
+
+    def done(self) -> set[tuple[str, int]]:
+        return {(r["id"], r["sample"]) for r in self.records}
+
+    def append(self, records: Iterable[dict]) -> None:
+        records = list(records)
+        if not records:
+            return
+        with self.path.open("a", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.records.extend(records)
+
+
+def cached_dir(root: Path, key: str, build: Callable[[Path], None], on_wait: Callable[[], None] | None = None) -> tuple[Path, bool]:
+    """Return root/key, building it with `build(tmp_dir)` if absent. (path, built_here).
+
+    A file lock makes concurrent jobs wait for the first builder instead of repeating its work;
+    the build happens in a temp dir renamed into place, so nobody ever sees half a directory.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / key
+    if (final / ".complete").exists():
+        return final, False
+    lock = FileLock(str(root / f"{key}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Exception:
+        if on_wait:
+            on_wait()
+        lock.acquire()
+    try:
+        if (final / ".complete").exists():
+            return final, False
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}.tmp-"))
+        try:
+            build(tmp)
+            (tmp / ".complete").write_text("ok\n")
+            if final.exists():               # a stale, incomplete dir from a killed builder
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final, True
+    finally:
+        lock.release()

@@ -1,0 +1,58 @@
+"""MATH-500 (Lightman et al. 2023): 500 competition problems, graded by math-verify equivalence."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from harness.registry import register_task
+from harness.scoring import grade_math, score_completion
+from harness.tasks_base import BaseTask, TaskConfig, load_hub_records, read_local_records
+from harness.types import Example, Score, UserError
+
+HUB_ID, HUB_SPLIT = "HuggingFaceH4/MATH-500", "test"
+# The DeepSeek-R1 / "Quantization Hurts Reasoning?" instruction for math problems.
+MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+FIELDS = ("problem", "answer", "subject", "level", "unique_id")
+
+
+@dataclass
+class Math500Config(TaskConfig):
+    pass
+
+
+def _level(value, where: str) -> int:
+    """Levels come as 3 or "Level 3" depending on the copy of the data."""
+    text = str(value).removeprefix("Level").strip()
+    if not text.isdigit():
+        raise UserError(f"{where}: level={value!r} is not a MATH level; allowed: 1..5 or 'Level N'")
+    return int(text)
+
+
+@register_task("math500")
+class Math500Task(BaseTask):
+    Config = Math500Config
+    breakdown_keys = ("subject", "level")
+
+    def load(self) -> list[Example]:
+        cfg = self.cfg
+        rows = (read_local_records(cfg.data_files) if cfg.data_files
+                else load_hub_records(HUB_ID, None, HUB_SPLIT, cfg.revision, self.name))
+        source = "task.data_files" if cfg.data_files else HUB_ID
+        out = []
+        for i, r in enumerate(rows):
+            missing = [k for k in FIELDS if k not in r]
+            if missing:
+                raise UserError(f"{source} record {i}: missing field(s) {', '.join(missing)}; "
+                                f"a MATH-500 record needs {', '.join(FIELDS)}")
+            out.append(Example(id=str(r["unique_id"]), question=r["problem"], gold=str(r["answer"]),
+                               meta={"subject": r["subject"], "level": _level(r["level"], f"{source} record {i}")}))
+        return out
+
+    def prompt_text(self, ex: Example) -> str:
+        return f"{ex.question}\n{MATH_INSTRUCTION}"
+
+    def grade(self, ex: Example, answer_text: str) -> Score:
+        """Judge a final-answer text (reasoning already stripped)."""
+        return grade_math(answer_text, ex.gold)
+
+    def score(self, ex: Example, completion: str, finish_reason: str = "stop") -> Score:
+        return score_completion(completion, finish_reason, lambda text: self.grade(ex, text))

@@ -1,0 +1,49 @@
+"""Test environment: one thread per process (2 cores: oversubscription makes torch ~10x slower),
+and every cache/home directory inside a temp dir so nothing is written to the user's home."""
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+_TMP = Path(tempfile.mkdtemp(prefix="rqbench-tests-"))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ["HF_HOME"] = str(_TMP / "hf")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["WANDB_DIR"] = str(_TMP / "wandb")
+os.environ["WANDB_MODE"] = "disabled"
+os.environ["RQBENCH_CACHE"] = str(_TMP / "cache")
+
+import subprocess  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def run_cli(*args, cwd=None, check=True, timeout=600, env=None):
+    """Run `rqbench ARGS` in a subprocess; returns CompletedProcess (text)."""
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", "progress=false", *args],
+                          cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"rqbench {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+@pytest.fixture
+def shared_data():
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not present")
+    return SHARED_DATA
