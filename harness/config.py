@@ -25,6 +25,7 @@ class ModelConfig:
     name: str = "toy"
     path: Optional[str] = None
     revision: Optional[str] = None
+    base: Optional[str] = None          # the model this one was fine-tuned from (QuantLRM's weight-update signal)
     dtype: str = "float32"
     trust_remote_code: bool = False
     max_new_tokens_cap: Optional[int] = None
@@ -154,6 +155,8 @@ def validate(cfg: DictConfig) -> RunSpec:
     backend_node = cfg.get("backend")
     if backend_node is None or "name" not in backend_node:
         raise UserError("backend is not set; choose one with backend=<name>")
+    backend_cls, _ = _plugin("backend", backend_node)           # its keys, checked before any model loads
+    getattr(backend_cls, "preflight", lambda: None)()            # e.g. backend=vllm without vllm installed
     sampling = resolve_sampling(task_cfg.sampling, top.sampling, model, top.seed)
     return RunSpec(model=model, method_cls=method_cls, method_cfg=method_cfg, task_cls=task_cls, task_cfg=task_cfg,
                    backend_name=backend_node.name, backend_node=backend_node, calib=cfg.get("calib"),

@@ -14,13 +14,13 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from harness import __version__
+from harness import __version__, tracking
 from harness.config import RunSpec
 from harness.metrics import compute_metrics
 from harness.quant.context import QuantContext
 from harness.quant.select import quantizable_linears
 from harness.seeding import sample_seed
-from harness.store import SampleStore, cached_dir, stable_hash, write_json_atomic
+from harness.store import SampleStore, cached_dir, run_lock, stable_hash, write_json_atomic
 from harness.types import UserError
 
 
@@ -236,19 +236,22 @@ def make_backend(spec: RunSpec, model, tok, device, ckpt_path: str):
     from harness import registry
     from harness.config import typed
     name = spec.backend_name
+    node = OmegaConf.to_container(spec.backend_node, resolve=True)
     if name == "auto":
-        name = "vllm" if (device.type == "cuda" and _vllm_importable()) else "hf"
-        log(f"backend=auto picked {name}")
+        from harness.backends.auto import choose, keys_for
+        name, why = choose(device)
+        log(f"backend=auto picked {name} ({why})")
+        node = {k: v for k, v in node.items() if k in keys_for(name)}     # auto holds both backends' keys
     cls = registry.get("backend", name)
-    cfg = typed(cls.Config, {**OmegaConf.to_container(spec.backend_node), "name": name}, "backend")
+    cfg = typed(cls.Config, {**node, "name": name}, "backend")
     if name == "hf":
         return cls(cfg, model, tok, device, progress=spec.top.progress)
-    return cls(cfg, model_path=ckpt_path, tokenizer=tok)
-
-
-def _vllm_importable() -> bool:
-    import importlib.util
-    return importlib.util.find_spec("vllm") is not None
+    if device.type == "cuda":       # the engine loads the checkpoint itself: give it the GPU memory
+        model.to("cpu")
+        torch.cuda.empty_cache()
+    return cls(cfg, model_path=ckpt_path, tokenizer=tok, progress=spec.top.progress,
+               revision=spec.model.revision if ckpt_path == model_source(spec) else None,
+               trust_remote_code=spec.model.trust_remote_code)
 
 
 def generate_and_score(spec: RunSpec, task, examples, backend, tok, store: SampleStore, timer: Timer) -> None:
@@ -313,10 +316,21 @@ def peak_memory() -> dict:
 
 
 def run(spec: RunSpec, cfg_dict: dict, run_tag: str = "") -> dict:
+    """One run, holding its run directory's lock (see `store.run_lock`), then mirrored to W&B."""
+    out_dir = run_dir(spec, run_tag)
+    with run_lock(out_dir, on_wait=lambda: log(f"another job is running {out_dir}; waiting for it")):
+        result = _run(spec, cfg_dict, run_tag)
+        tracking.log_run(spec, cfg_dict, result, out_dir)      # W&B mirror: never raises, never blocks results
+    return result
+
+
+def _run(spec: RunSpec, cfg_dict: dict, run_tag: str = "") -> dict:
     timer = Timer()
     out_dir = run_dir(spec, run_tag)
+    quantizes = getattr(spec.method_cls, "quantizes", True)
     eval_key = {"model": spec.model.name, "path": spec.model.path, "revision": spec.model.revision,
-                "method": dataclasses.asdict(spec.method_cfg), "quant": dataclasses.asdict(spec.spec),
+                "method": dataclasses.asdict(spec.method_cfg),
+                "quant": dataclasses.asdict(spec.spec) if quantizes else None,   # fp: one run whatever quant says
                 "task": dataclasses.asdict(spec.task_cfg), "sampling": dataclasses.asdict(spec.sampling),
                 "calib": cfg_dict.get("calib") if getattr(spec.method_cls, "uses_calibration", False) else None}
     _guard_run_dir(out_dir, eval_key)

@@ -6,10 +6,11 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 
 def stable_hash(obj) -> str:
@@ -111,5 +112,29 @@ def cached_dir(root: Path, key: str, build: Callable[[Path], None], on_wait: Cal
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return final, True
+    finally:
+        lock.release()
+
+
+@contextmanager
+def run_lock(run_dir: Path, on_wait: Callable[[], None] | None = None):
+    """Exclusive hold of one run directory for the `with` block (a killed holder releases it at once).
+
+    Two jobs on the same run (a requeued Slurm job beside its not-yet-dead predecessor, a duplicate
+    in a sweep) must not append to one samples.jsonl at once: each would generate the same rows, and
+    the torn-line repair of one could cut a line the other is still writing. The second job waits
+    here; once it has the lock it sees every sample the first one wrote and generates only the rest.
+    The lock is an OS file lock (flock) on run_dir/run.lock.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(run_dir / "run.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if on_wait:
+            on_wait()
+        lock.acquire()
+    try:
+        yield
     finally:
         lock.release()

@@ -21,6 +21,7 @@ weight-update importance into the same search (and picks the groups via `groups`
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -29,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from harness.quant.context import MethodConfig, QuantContext
-from harness.quant.quantizer import QuantSpec, compute_qparams, dequantize, quantize_codes, quantize_weight
+from harness.quant.quantizer import QuantSpec, compute_qparams, quantize_weight
 from harness.quant.runner import LayerwiseRunner, record_calls, record_inputs, tokens_of
 from harness.registry import register_method
 from harness.types import QuantizedLinear, QuantResult, UserError
@@ -108,10 +109,43 @@ def weight_mean(linears: list[nn.Linear], spec: QuantSpec) -> torch.Tensor:
 
 
 def qdq(w: torch.Tensor, spec: QuantSpec, dtype: torch.dtype, clip_ratio=None) -> torch.Tensor:
-    """Quantize-dequantize on the shared grid with the scale rounded to the checkpoint dtype (float32)."""
+    """Quantize-dequantize on the shared grid with the scale rounded to the checkpoint dtype (float32).
+
+    Same arithmetic as the shared quantizer (round(w / s) + z, clamp, (q - z) · s), with the per-group
+    scale broadcast over its group instead of expanded to the weight's shape.
+    """
     scale, zero = compute_qparams(w, spec, clip_ratio=clip_ratio)
-    scale = scale.to(dtype).float()
-    return dequantize(quantize_codes(w, scale, zero, spec), scale, zero, spec.group_size)
+    s = scale.to(dtype).float().unsqueeze(-1)
+    z = zero.unsqueeze(-1)
+    out, inp = w.shape
+    wg = w.float().reshape(out, scale.shape[1], inp // scale.shape[1])
+    q = wg / s
+    q.round_().add_(z).clamp_(0, spec.maxq).sub_(z).mul_(s)
+    return q.reshape(out, inp)
+
+
+class GramLoss:
+    """Mean squared output error of a Linear from the Gram matrix of its inputs: mean((X ΔWᵀ)²) = Σ (ΔW G) ⊙ ΔW / (n·out).
+
+    Exact (up to rounding) and cheaper than replaying the linear whenever in_features < tokens.
+    """
+
+    def __init__(self, inputs: list[torch.Tensor], lin: nn.Linear):
+        self.g = None
+        self.n = 0
+        for x in inputs:
+            t = tokens_of(x)
+            self.g = t.T @ t if self.g is None else self.g.addmm_(t.T, t)
+            self.n += t.shape[0]
+        self.lin, self.w0 = lin, lin.weight.data.float().clone()
+
+    def __call__(self) -> float:
+        d = self.lin.weight.data.float() - self.w0
+        return float(((d @ self.g) * d).sum()) / (self.n * d.shape[0])
+
+    @staticmethod
+    def worth_it(lin: nn.Linear, n_tokens: int, limit_bytes: int = 2 ** 31) -> bool:
+        return lin.in_features < n_tokens and lin.in_features ** 2 * 4 <= limit_bytes
 
 
 @torch.no_grad()
@@ -206,25 +240,29 @@ def gqa_expand(attn: nn.Module, v: nn.Linear, o: nn.Linear) -> Optional[torch.Te
 
 @torch.no_grad()
 def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, *, grid: int = 20, max_shrink: float = 0.5,
-                out_batch: int = 256) -> torch.Tensor:
-    """Per (row, group) clip ratio minimising the group's partial-output error on tokens x [n, in]."""
+                out_batch: int = 1024) -> torch.Tensor:
+    """Per (row, group) clip ratio minimising the group's partial-output error on tokens x [n, in].
+
+    The error of group g of row o is mean_t (x_tg · Δw_og)² = Δw_og G_g Δw_ogᵀ / n with G_g = X_gᵀ X_g,
+    so each candidate costs one batched product with the per-group Gram matrices.
+    """
     out, inp = w.shape
     g = inp if spec.group_size <= 0 else spec.group_size
     ng = inp // g
     xg = x.float().reshape(-1, ng, g).transpose(0, 1)              # [ng, n, g]
+    gram = torch.bmm(xg.transpose(1, 2), xg) / xg.shape[1]        # [ng, g, g]
     ratios = [1 - i / grid for i in range(max(1, int(max_shrink * grid)))]
     best = torch.ones(out, ng, device=w.device)
-    sub = QuantSpec(bits=spec.bits, group_size=spec.group_size, sym=spec.sym)
-    for o1 in range(0, out, out_batch):
-        wb = w[o1:o1 + out_batch].float()
-        ref = torch.bmm(xg, wb.reshape(-1, ng, g).permute(1, 2, 0))    # [ng, n, ob]
-        best_err = torch.full((wb.shape[0], ng), float("inf"), device=w.device)
-        for r in ratios:
-            qw = qdq(wb, sub, w.dtype, clip_ratio=r)
-            cur = torch.bmm(xg, qw.reshape(-1, ng, g).permute(1, 2, 0))
-            err = (cur - ref).pow(2).mean(1).T                         # [ob, ng]
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
+    best_err = torch.full((out, ng), float("inf"), device=w.device)
+    wf = w.float()
+    for r in ratios:
+        d = qdq(wf, spec, w.dtype, clip_ratio=r) - wf
+        for o1 in range(0, out, out_batch):
+            db = d[o1:o1 + out_batch].reshape(-1, ng, g).transpose(0, 1)     # [ng, ob, g]
+            err = (torch.bmm(db, gram) * db).sum(-1).T                          # [ob, ng]
+            cur = best_err[o1:o1 + out_batch]
+            better = err < cur
+            best_err[o1:o1 + out_batch] = torch.where(better, err, cur)
             best[o1:o1 + out_batch] = torch.where(better, torch.full_like(err, r), best[o1:o1 + out_batch])
     return best
 
@@ -239,12 +277,15 @@ def _call_input(args, kwargs) -> torch.Tensor:
     return next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
 
 
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
 def _replay(module: nn.Module, calls, refs) -> float:
     """Mean squared error of module's outputs on the recorded calls against the reference outputs."""
     total, count = 0.0, 0
     for (args, kwargs), ref in zip(calls, refs):
-        out = module(*args, **kwargs)
-        out = out[0] if isinstance(out, tuple) else out
+        out = _first(module(*args, **kwargs))
         total += float(torch.sum((out.float() - ref.float()) ** 2))
         count += ref.numel()
     return total / count
@@ -322,7 +363,8 @@ class AWQ:
         for cm in stack:
             cm.__enter__()
         try:
-            win.forward(stop_when=None)      # see the whole layer: sequential windows hold one layer
+            # stop once every recorded module was reached: the layer's last linear need not compute
+            win.forward(stop_before=[modules[g.inspect] for g, _ in groups] + list(rel.values()))
         finally:
             for cm in reversed(stack):
                 cm.__exit__(None, None, None)
@@ -331,8 +373,9 @@ class AWQ:
         found = []
         for g, lins in groups:
             block = modules[g.inspect]
-            refs = [(_o[0] if isinstance(_o := block(*a, **k), tuple) else _o) for a, k in calls[g.name]]
             xs = [_call_input(a, k) for a, k in calls[g.name]]
+            lone = isinstance(block, nn.Linear) and len(lins) == 1 and lins[0] is block
+            refs = None if lone else [_first(block(*a, **k)) for a, k in calls[g.name]]
             abs_sum = sum(tokens_of(x).abs().sum(0) for x in xs)
             x_mean = abs_sum / sum(tokens_of(x).shape[0] for x in xs)
             prev = modules[g.prev]
@@ -343,8 +386,16 @@ class AWQ:
                 imp = _reduce_to(imp, expand, prev.out_features)
                 if wmean is not None:
                     wmean = _reduce_to(wmean, expand, prev.out_features)
-            res = search_scale(imp, lins, lambda: _replay(block, calls[g.name], refs), spec, grid=cfg.grid,
+            n_tokens = sum(tokens_of(x).shape[0] for x in xs)
+            if lone and GramLoss.worth_it(block, n_tokens):
+                evaluate = GramLoss(xs, block)           # a lone linear: same loss, from the Gram matrix
+            else:
+                if refs is None:
+                    refs = [_first(block(*a, **k)) for a, k in calls[g.name]]
+                evaluate = functools.partial(_replay, block, calls[g.name], refs)
+            res = search_scale(imp, lins, evaluate, spec, grid=cfg.grid,
                                normalize=cfg.normalize_scales, expand=expand, duo_weight_mean=wmean)
+            del evaluate
             found.append((g, lins, prev, res, expand))
             result.info["scales"][f"{prefix}.{g.name}"] = {"ratio": res.ratio, "loss": res.loss,
                                                            "rtn_loss": res.base_loss}
@@ -385,4 +436,4 @@ def _quantize(w: torch.Tensor, spec: QuantSpec, clip_ratio) -> tuple[QuantizedLi
 
 
 __all__ = ["AWQ", "AWQConfig", "SCALE_GROUPS", "ScaleGroup", "ScaleSearch", "search_scale", "search_clip",
-           "fold_scale", "gqa_expand", "weight_mean", "qdq"]
+           "fold_scale", "gqa_expand", "weight_mean", "qdq", "GramLoss"]

@@ -102,19 +102,39 @@ def hessian_from(inputs: list[torch.Tensor]) -> torch.Tensor:
 
 
 class HessianAccumulator:
-    """Running H = 2/n Σ x xᵀ, fed batch by batch from a forward hook."""
+    """Running H = 2/n Σ x xᵀ, fed batch by batch from a forward hook.
+
+    Wide inputs update only the blocks on and above the diagonal (H is symmetric), which saves about
+    a third of the multiply-adds; `h` mirrors them when read.
+    """
+    BLOCK = 512
 
     def __init__(self, width: int, device):
-        self.h = torch.zeros(width, width, device=device, dtype=torch.float32)
+        self._h = torch.zeros(width, width, device=device, dtype=torch.float32)
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
         x = tokens_of(x)
         t = x.shape[0]
-        self.h.mul_(self.n / (self.n + t))
+        self._h.mul_(self.n / (self.n + t))
         self.n += t
         x = x * (2.0 / self.n) ** 0.5
-        self.h.addmm_(x.T, x)
+        width = x.shape[1]
+        if width < 2 * self.BLOCK:
+            self._h.addmm_(x.T, x)
+            return
+        edges = list(range(0, width, self.BLOCK)) + [width]
+        for a0, a1 in zip(edges, edges[1:]):
+            xa = x[:, a0:a1].T
+            self._h[a0:a1, a0:].addmm_(xa, x[:, a0:])
+
+    @property
+    def h(self) -> torch.Tensor:
+        width = self._h.shape[0]
+        if width >= 2 * self.BLOCK:
+            upper = torch.triu(self._h)
+            return upper + torch.triu(self._h, diagonal=1).T
+        return self._h
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -138,8 +158,10 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, *, block_si
                   scale_dtype: torch.dtype | None = None) -> tuple[QuantizedLinear, torch.Tensor]:
     """GPTQ on one weight [out, in] with Hessian h [in, in].
 
-    Returns the codes on the shared quantizer's grid and the dequantized weight (w's dtype), which is
-    exactly `dequantize(codes, scale, zero)` — what the exporter writes.
+    Rows are independent given H, so linears that share an input (q/k/v, gate/up) can be stacked along
+    the output dim and solved in one call. Returns the codes on the shared quantizer's grid and the
+    dequantized weight (w's dtype), which is exactly `dequantize(codes, scale, zero)` — what the
+    exporter writes.
     """
     dtype = w.dtype
     scale_dtype = scale_dtype or dtype
@@ -163,58 +185,69 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, *, block_si
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
-        group_of = perm // gs
+        group_of = (perm // gs).tolist()
     else:
-        group_of = torch.arange(cols, device=W.device) // gs
+        group_of = [c // gs for c in range(cols)]
 
     U = _inverse_cholesky(H, damp)
-    codes = torch.empty(rows, cols, device=W.device)
+    diag = U.diagonal().tolist()
+    # Work on the transpose: a weight column is a contiguous row of WT.
+    WT = W.T.contiguous()
+    del W
+    codesT = torch.empty(cols, rows, device=WT.device)
+    scaleT, zeroT = scale.T.contiguous(), zero.T.contiguous()
+    per_row = QuantSpec(bits=spec.bits, group_size=-1, sym=spec.sym, clip_ratio=spec.clip_ratio)
     maxq = spec.maxq
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1 = W[:, i1:i2].clone()
+        W1 = WT[i1:i2].clone()
         Q1 = torch.empty_like(W1)
         E1 = torch.empty_like(W1)
         U1 = U[i1:i2, i1:i2]
         for j in range(i2 - i1):
             col = i1 + j
-            if not static and col % gs == 0:     # lazy group grid from the error-updated weights
+            if not static and col % gs == 0:
+                # Lazy group grid from the current weights: columns inside this block carry the in-block
+                # updates (W1), columns past it the block-level ones (WT).
                 g = col // gs
-                s_g, z_g = _lazy_grid(W, W1, i1, i2, col, gs, spec, scale_dtype, mse)
-                scale[:, g], zero[:, g] = s_g[:, 0], z_g[:, 0]
+                cur = W1[j:j + gs]
+                if col + gs > i2:
+                    cur = torch.cat([cur, WT[i2:col + gs]], dim=0)
+                s_g, z_g = grid_for(cur.T, per_row, scale_dtype, mse)
+                scaleT[g], zeroT[g] = s_g[:, 0], z_g[:, 0]
             g = group_of[col]
-            s, z = scale[:, g], zero[:, g]
-            w_col = W1[:, j]
+            s, z = scaleT[g], zeroT[g]
+            w_col = W1[j]
             q = torch.clamp(torch.round(w_col / s) + z, 0, maxq)       # the shared quantizer's formula
             deq = (q - z) * s
-            codes[:, col] = q
-            Q1[:, j] = deq
-            err = (w_col - deq) / U1[j, j]
-            E1[:, j] = err
-            W1[:, j:] -= err.unsqueeze(1) * U1[j, j:].unsqueeze(0)
-        W[:, i1:i2] = Q1
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+            codesT[col] = q
+            Q1[j] = deq
+            err = (w_col - deq) / diag[col]
+            E1[j] = err
+            W1[j + 1:] -= U1[j, j + 1:].unsqueeze(1) * err.unsqueeze(0)
+        WT[i1:i2] = Q1
+        if i2 < cols:
+            WT[i2:] -= U[i1:i2, i2:].T @ E1
 
+    codes = codesT.T
     if perm is not None:
-        inv = torch.argsort(perm)
-        codes = codes[:, inv]
-    q = QuantizedLinear(codes=codes.to(torch.uint8), scale=scale, zero=zero,
-                        bits=spec.bits, group_size=spec.group_size, sym=spec.sym)
+        codes = codes[:, torch.argsort(perm)]
+    q = QuantizedLinear(codes=codes.to(torch.uint8).contiguous(), scale=scaleT.T.contiguous(),
+                        zero=zeroT.T.contiguous(), bits=spec.bits, group_size=spec.group_size, sym=spec.sym)
     deq = dequantize(q.codes, q.scale, q.zero, spec.group_size).to(dtype)
     return q, deq
 
 
-def _lazy_grid(W, W1, i1, i2, col, gs, spec, scale_dtype, mse):
-    """Grid of the group starting at `col`, from the current (error-updated) weights.
-
-    Columns of the group inside the current block are read from the block's working copy W1; any
-    beyond the block (group larger than the block) from W, which already holds the block-level update.
-    """
-    inside = W1[:, col - i1:min(col + gs, i2) - i1]
-    if col + gs > i2:
-        inside = torch.cat([inside, W[:, i2:col + gs]], dim=1)
-    sub = QuantSpec(bits=spec.bits, group_size=-1, sym=spec.sym, clip_ratio=spec.clip_ratio)
-    return grid_for(inside, sub, scale_dtype, mse)
+def split_rows(q: QuantizedLinear, deq: torch.Tensor, sizes: list[int]) -> list[tuple[QuantizedLinear, torch.Tensor]]:
+    """Undo the stacking of several linears along the output dim."""
+    out, start = [], 0
+    for n in sizes:
+        sl = slice(start, start + n)
+        out.append((QuantizedLinear(codes=q.codes[sl].contiguous(), scale=q.scale[sl].contiguous(),
+                                    zero=q.zero[sl].contiguous(), bits=q.bits, group_size=q.group_size, sym=q.sym),
+                    deq[sl]))
+        start += n
+    return out
 
 
 # ------------------------------------------------------------------ the method
@@ -237,7 +270,7 @@ class GPTQ:
     def quantize(self, model, ctx: QuantContext) -> QuantResult:
         ids = ctx.calibration_ids()          # before any weight changes (reasoning traces use the fp model)
         cfg, spec = self.cfg, ctx.spec
-        result = QuantResult(info={"layers": {}})
+        result = QuantResult()
         runner = LayerwiseRunner(model, ids, ctx.device, batch_tokens=cfg.batch_tokens, offload=cfg.offload,
                                  progress=ctx.progress, desc="gptq")
 
@@ -247,22 +280,30 @@ class GPTQ:
                 return
             for name, lin in linears.items():
                 spec.check_width(name, lin.in_features)
-            stages = win.stages(linears) if cfg.true_sequential else [list(linears)]
-            for stage in stages:
-                mods = {n: linears[n] for n in stage}
-                acc = {n: HessianAccumulator(m.in_features, win.device) for n, m in mods.items()}
-                with record_inputs(mods, lambda n, x: acc[n].add(x)):
-                    win.forward(stop_when=mods.values())
-                for n, lin in mods.items():
-                    if acc[n].n == 0:
-                        raise RuntimeError(f"gptq: {n} saw no calibration input")
-                    q, deq = gptq_quantize(lin.weight.data, acc[n].h, spec, block_size=cfg.block_size,
-                                           damp=cfg.damp, act_order=cfg.act_order, mse=self.mse_options())
-                    del acc[n]
-                    lin.weight.data.copy_(deq)
-                    result.layers[n] = _to_cpu(q)
+            # Linears sharing an input share a Hessian: one accumulator and one solve per stage.
+            stages = win.stages(linears)
+            passes = [[st] for st in stages] if cfg.true_sequential else [stages]
+            for group in passes:
+                acc = [HessianAccumulator(linears[st[0]].in_features, win.device) for st in group]
+                firsts = {st[0]: a for st, a in zip(group, acc)}
+                with record_inputs({n: linears[n] for n in firsts}, lambda n, x: firsts[n].add(x)):
+                    win.forward(stop_before=[linears[n] for n in firsts])     # nothing past the inputs needed
+                for st, a in zip(group, acc):
+                    if a.n == 0:
+                        raise RuntimeError(f"gptq: {st[0]} saw no calibration input")
+                    self._solve(st, [linears[n] for n in st], a.h, spec, result)
+                    a._h = None
         runner.run(on_window)
         return result
+
+    def _solve(self, names, lins, h, spec, result) -> None:
+        cfg = self.cfg
+        w = torch.cat([lin.weight.data for lin in lins], dim=0) if len(lins) > 1 else lins[0].weight.data
+        q, deq = gptq_quantize(w, h, spec, block_size=cfg.block_size, damp=cfg.damp, act_order=cfg.act_order,
+                               mse=self.mse_options())
+        for name, lin, (qi, di) in zip(names, lins, split_rows(q, deq, [lin.out_features for lin in lins])):
+            lin.weight.data.copy_(di)
+            result.layers[name] = _to_cpu(qi)
 
 
 def _to_cpu(q: QuantizedLinear) -> QuantizedLinear:
@@ -270,4 +311,5 @@ def _to_cpu(q: QuantizedLinear) -> QuantizedLinear:
                            group_size=q.group_size, sym=q.sym)
 
 
-__all__ = ["GPTQ", "GPTQConfig", "gptq_quantize", "hessian_from", "HessianAccumulator", "mse_grid", "grid_for"]
+__all__ = ["GPTQ", "GPTQConfig", "gptq_quantize", "hessian_from", "HessianAccumulator", "mse_grid", "grid_for",
+           "split_rows"]

@@ -47,3 +47,18 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
+
+
+def run_inprocess(*overrides) -> dict:
+    """One rqbench run in this process (no interpreter start-up); returns the metrics.json content."""
+    from hydra import compose, initialize_config_dir
+
+    from harness.cli import CONF_DIR, execute
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["progress=false", *overrides])
+    return execute(cfg)
+
+
+@pytest.fixture
+def rq():
+    return run_inprocess

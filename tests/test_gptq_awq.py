@@ -200,3 +200,34 @@ def test_config_validation():
         registry.get("method", "gptq")(GPTQConfig(name="gptq", damp=0.0))
     cls = registry.get("method", "gptq")
     assert cls.uses_calibration and cls.quantizes
+
+
+def test_stacked_linears_solve_exactly_like_separate_ones():
+    # q/k/v (and gate/up) share a Hessian; GPTQ treats rows independently, so stacking them is exact.
+    torch.manual_seed(0)
+    x = _inputs(512, 128, 5)
+    h = hessian_from([x])
+    w1, w2 = torch.randn(48, 128), torch.randn(16, 128)
+    spec = QuantSpec(bits=3, group_size=32)
+    q, deq = gptq_quantize(torch.cat([w1, w2]), h, spec)
+    q1, d1 = gptq_quantize(w1, h, spec)
+    assert torch.equal(deq[:48], d1) and torch.equal(q.codes[:48], q1.codes) and torch.equal(q.scale[:48], q1.scale)
+
+
+def test_awq_fast_paths_match_the_reference_computation():
+    from harness.quant.quantizer import fake_quantize
+    from methods.awq import GramLoss
+    torch.manual_seed(0)
+    w = torch.randn(64, 256)
+    for spec in (QuantSpec(4, 128), QuantSpec(3, 64, sym=True), QuantSpec(2, -1)):
+        ratio = 0.6 + 0.4 * torch.rand(64, 256 // (spec.group_size if spec.group_size > 0 else 256))
+        assert torch.equal(qdq(w, spec, torch.float32), fake_quantize(w, spec))
+        assert torch.equal(qdq(w, spec, torch.float32, clip_ratio=ratio),
+                           fake_quantize(w, spec, *compute_qparams(w, spec, clip_ratio=ratio)))
+    lin = nn.Linear(256, 64, bias=False)
+    xs = [_inputs(300, 256, 1), _inputs(200, 256, 2)]
+    loss = GramLoss(xs, lin)
+    w0 = lin.weight.data.clone()
+    lin.weight.data = qdq(w0, QuantSpec(3, 128), torch.float32)
+    direct = float(sum(((x @ (lin.weight.data - w0).T) ** 2).sum() for x in xs) / (500 * 64))
+    assert loss() == pytest.approx(direct, rel=1e-4)

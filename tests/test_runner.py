@@ -87,7 +87,7 @@ def test_windows_overlapping_and_validation(toy):
     outs = LayerwiseRunner(toy, ids, "cpu", progress=False).run(lambda w: visited.append((w.start, w.stop)), windows)
     assert visited == windows
     assert torch.allclose(torch.cat(outs), ref, atol=1e-6, rtol=0)
-    for bad in ([(0, 2), (3, 4)], [(1, 4)], [(0, 2), (0, 4)], [(0, 5)]):
+    for bad in ([(0, 2), (3, 4)], [(1, 4)], [(0, 4), (0, 2), (2, 4)], [(0, 2), (0, 2), (1, 4)], [(0, 5)]):
         with pytest.raises(ValueError):
             LayerwiseRunner(toy, ids, "cpu", progress=False).run(None, bad)
 
@@ -114,3 +114,22 @@ def test_forward_stop_when_cuts_the_layer_short(toy):
             win.forward(stop_when=[q])
     LayerwiseRunner(toy, ids, "cpu", progress=False).run(cb)
     assert calls == {"q": 1, "down": 0}
+
+
+def test_forward_stop_before_records_inputs_without_computing(toy):
+    ids = _ids(toy.config.vocab_size, n=2)
+    seen = {"in": 0, "out": 0}
+
+    def cb(win):
+        if win.index:
+            return
+        q = win.linears([r"q_proj$"])
+        (q,) = q.values()
+        h = q.register_forward_hook(lambda *a: seen.__setitem__("out", seen["out"] + 1))
+        with record_inputs({"q": q}, lambda n, x: seen.__setitem__("in", seen["in"] + 1)):
+            win.forward(stop_before=[q])
+        h.remove()
+        with pytest.raises(ValueError):
+            win.forward(collect_outputs=True, stop_before=[q])
+    LayerwiseRunner(toy, ids, "cpu", progress=False).run(cb)
+    assert seen == {"in": 1, "out": 0}

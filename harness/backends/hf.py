@@ -68,9 +68,10 @@ class HFBackend:
         if seeds is None:
             seeds = [[sampling.seed * 1_000_003 + i * 1009 + j for j in range(sampling.n)] for i in range(len(prompts))]
         encoded = [self.tok.encode(p, add_special_tokens=False) for p in prompts]
-        rows = [(i, j) for i in range(len(prompts)) for j in range(sampling.n)]
+        # len(seeds[i]) samples of prompt i: fewer than n when a resume or a chunk boundary split its samples.
+        rows = [(i, j) for i in range(len(prompts)) for j in range(len(seeds[i]))]
         rows.sort(key=lambda r: len(encoded[r[0]]))      # similar lengths together: less padding
-        out: list[list[Completion | None]] = [[None] * sampling.n for _ in prompts]
+        out: list[list[Completion | None]] = [[None] * len(s) for s in seeds]
         bs = self.cfg.batch_size
         bar = tqdm(total=len(rows), desc="generate", unit="sample", disable=not self.progress)
         for start in range(0, len(rows), bs):

@@ -4,8 +4,10 @@ Every run quantizes the same model with the same calibration token ids in its ow
 wall time and peak memory are its own), with the same thread count, and hands back the quantized
 dense weights; this process then measures all of them with the same code on held-out toy text:
 
-- per-layer output MSE: hidden states after each decoder layer vs the full-precision model's;
-- perplexity of the held-out text; greedy accuracy on held-out toy problems (the trained toy only);
+- per-layer output MSE: hidden states after each decoder layer vs the full-precision model's, on
+  held-out toy text (test-split problems with their reasoning, packed into rows);
+- perplexity of the responses (reasoning + answer) of held-out problems — the tokens the toy is trained
+  to predict; greedy accuracy on held-out toy problems (the trained toy only);
 - wall time of the quantization call and the process's peak RSS.
 
 llm-compressor (the `bench` extra, llmcompressor==0.14.0.1) pins compressed-tensors 0.19.0, so it lives in
@@ -23,6 +25,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -123,17 +126,24 @@ def _layer_outputs(model, ids: torch.Tensor, batch: int = 8) -> list[torch.Tenso
     return [torch.cat(o) for o in outs]
 
 
-def _perplexity(model, ids: torch.Tensor, batch: int = 8) -> float:
+def _perplexity(model, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], rows: int = 16) -> float:
+    """exp(mean token NLL) over the response tokens (reasoning + answer) of held-out toy examples."""
+    ids, attn, labels = batch
     total, count = 0.0, 0
     with torch.no_grad():
-        for s in range(0, ids.shape[0], batch):
-            x = ids[s:s + batch]
-            logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
-                                                     reduction="sum")
-            total += float(loss)
-            count += x[:, 1:].numel()
+        for s in range(0, ids.shape[0], rows):
+            logits = model(input_ids=ids[s:s + rows], attention_mask=attn[s:s + rows], use_cache=False).logits
+            logits, target = logits[:, :-1].float(), labels[s:s + rows, 1:]
+            total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                             ignore_index=-100, reduction="sum"))
+            count += int((target != -100).sum())
     return float(torch.exp(torch.tensor(total / count)))
+
+
+def _ppl_batch(tok, n: int):
+    from harness.toy import arith
+    from harness.toy.train import _batch
+    return _batch(tok, arith.problems("test", n, 2), True)
 
 
 def _toy_accuracy(model, tok, n: int) -> float:
@@ -174,7 +184,10 @@ def _prepare_models(work: Path, names: list[str], wide_layers: int) -> dict[str,
     out = {}
     for name in names:
         if name == "toy":
-            out[name] = ensure_toy("toy")
+            d = work / "toy"       # a snapshot: a rebuild of the shipped toy mid-run must not change the model
+            if not (d / "config.json").exists():
+                shutil.copytree(ensure_toy("toy"), d)
+            out[name] = d
         elif name == "wide":
             d = work / "wide"
             if not (d / "config.json").exists():
@@ -219,6 +232,7 @@ def main(argv=None) -> int:
     ap.add_argument("--accuracy", type=int, default=200, help="held-out toy problems for greedy accuracy (0: skip)")
     ap.add_argument("--wide-layers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=1, help="runs per side, alternating; the fastest counts")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default="results/bench/ptq.json")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -237,13 +251,14 @@ def main(argv=None) -> int:
     models = _prepare_models(work, a.models.split(","), a.wide_layers)
     calib = calibration_ids({"name": "toy", "n_samples": a.n_samples, "seq_len": a.seq_len, "seed": 0}, tok)
     torch.save(calib, work / "calib.pt")
-    eval_ids = _eval_ids(tok, a.eval_samples, a.seq_len)
+    eval_ids = _eval_ids(tok, a.eval_samples, a.seq_len)       # layer MSE: held-out text, packed
+    ppl_batch = _ppl_batch(tok, 4 * a.eval_samples)             # perplexity: held-out responses
     impls = ["ours"] + (["theirs"] if a.their_python else [])
     rows = []
     for mname, mdir in models.items():
         base = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32).eval()
         ref_layers = _layer_outputs(base, eval_ids)
-        fp = {"ppl": _perplexity(base, eval_ids)}
+        fp = {"ppl": _perplexity(base, ppl_batch)}
         if mname == "toy" and a.accuracy:
             fp["acc"] = _toy_accuracy(base, tok, a.accuracy)
         print(f"[bench] {mname}: fp ppl {fp['ppl']:.4f}" + (f" acc {fp['acc']:.3f}" if "acc" in fp else ""),
@@ -252,14 +267,33 @@ def main(argv=None) -> int:
             bits, group = SPECS[sname]
             for method in a.methods.split(","):
                 row = {"model": mname, "spec": sname, "method": method, "fp": fp}
+                results = {}
+                for rep in range(a.repeats):        # alternate ours/theirs; keep each one's fastest run
+                    for impl in impls:
+                        out = work / f"{mname}-{sname}-{method}-{impl}-{rep}.pt"
+                        args = {"impl": impl, "method": method, "model_dir": str(mdir),
+                                "calib": str(work / "calib.pt"), "bits": bits, "group_size": group,
+                                "threads": a.threads, "out": str(out)}
+                        print(f"[bench] {mname} {sname} {method} {impl} (run {rep + 1}/{a.repeats}) ...",
+                              file=sys.stderr, flush=True)
+                        _spawn(sys.executable if impl == "ours" else a.their_python, args, a.threads, work,
+                               work / f"{out.stem}.log")
+                        res = torch.load(out)
+                        out.unlink()
+                        if impl in results:
+                            walls = results[impl]["walls"] + [res["wall_s"]]
+                            same = all(torch.equal(res["state_dict"][k], results[impl]["state_dict"][k])
+                                       for k in res["state_dict"])
+                            results[impl]["deterministic"] &= same
+                            if res["wall_s"] < results[impl]["wall_s"]:
+                                res.update(deterministic=results[impl]["deterministic"],
+                                           state_dict=results[impl]["state_dict"])
+                                results[impl] = res
+                            results[impl]["walls"] = walls
+                        else:
+                            results[impl] = {**res, "walls": [res["wall_s"]], "deterministic": True}
                 for impl in impls:
-                    out = work / f"{mname}-{sname}-{method}-{impl}.pt"
-                    args = {"impl": impl, "method": method, "model_dir": str(mdir), "calib": str(work / "calib.pt"),
-                            "bits": bits, "group_size": group, "threads": a.threads, "out": str(out)}
-                    print(f"[bench] {mname} {sname} {method} {impl} ...", file=sys.stderr, flush=True)
-                    _spawn(sys.executable if impl == "ours" else a.their_python, args, a.threads, work,
-                           work / f"{out.stem}.log")
-                    res = torch.load(out)
+                    res = results[impl]
                     model = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32).eval()
                     missing, unexpected = model.load_state_dict(res["state_dict"], strict=False)
                     if unexpected or [k for k in missing if k != "lm_head.weight"]:
@@ -267,16 +301,17 @@ def main(argv=None) -> int:
                     model.tie_weights()
                     layers = _layer_outputs(model, eval_ids)
                     r = {"layer_mse": [float(((x - y) ** 2).mean()) for x, y in zip(layers, ref_layers)],
-                         "ppl": _perplexity(model, eval_ids), "wall_s": res["wall_s"],
+                         "ppl": _perplexity(model, ppl_batch), "wall_s": res["wall_s"], "walls": res["walls"],
+                         "deterministic": res["deterministic"],
                          "peak_rss_mb": res["peak_rss_mb"], "rss_before_mb": res["rss_before_mb"]}
                     if mname == "toy" and a.accuracy:
                         r["acc"] = _toy_accuracy(model, tok, a.accuracy)
                     row[impl] = r
-                    out.unlink()
                 rows.append(row)
                 print(_format_row(row), flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    setup = {k: getattr(a, k) for k in ("n_samples", "seq_len", "eval_samples", "accuracy", "wide_layers", "threads")}
+    setup = {k: getattr(a, k) for k in ("n_samples", "seq_len", "eval_samples", "accuracy", "wide_layers", "threads",
+                                        "repeats")}
     Path(a.out).write_text(json.dumps({"setup": setup, "rows": rows}, indent=1) + "\n")
     print("\n" + format_table(rows))
     print(f"\n[bench] wrote {a.out}", file=sys.stderr)

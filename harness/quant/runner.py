@@ -166,26 +166,39 @@ class Window:
             yield h.to(self.device, non_blocking=True), [r.layer_kwargs(i, b, self.device) for i in range(self.start, self.stop)]
 
     @torch.no_grad()
-    def forward(self, collect_outputs: bool = False, stop_when: Optional[Iterable[nn.Module]] = None):
+    def forward(self, collect_outputs: bool = False, stop_when: Optional[Iterable[nn.Module]] = None,
+                stop_before: Optional[Iterable[nn.Module]] = None):
         """Run every calibration batch through the window with its current weights.
 
-        stop_when: modules after whose forward (all of them, in a batch) the batch is cut short — a
-        method that only needs the inputs of q/k/v does not pay for the rest of the layer.
+        stop_when: cut each batch short once all of these modules have *finished* their forward;
+        stop_before: ... once all of these modules have been *reached* (their pre-hooks ran, so hooks
+        registered earlier — e.g. `record_inputs` — saw their inputs, but they did not compute).
+        A method that only needs the inputs of q/k/v pays for the input norm and nothing else.
         Returns the window outputs per batch (on the runner's storage device) if collect_outputs.
         """
-        stop_mods = list(stop_when or [])
-        seen: set[int] = set()
+        after_mods, before_mods = list(stop_when or []), list(stop_before or [])
+        if collect_outputs and (after_mods or before_mods):
+            raise ValueError("a forward that collects outputs cannot stop early")
+        seen_after: set[int] = set()
+        seen_before: set[int] = set()
         handles = []
-        if stop_mods and not collect_outputs:
-            def after(m, _a, _o):
-                seen.add(id(m))
-                if len(seen) == len(stop_mods):
-                    raise StopForward
-            handles = [m.register_forward_hook(after) for m in stop_mods]
+
+        def after(m, _a, _o):
+            seen_after.add(id(m))
+            if len(seen_after) == len(after_mods):
+                raise StopForward
+
+        def before(m, _a):
+            seen_before.add(id(m))
+            if len(seen_before) == len(before_mods):
+                raise StopForward
+        handles += [m.register_forward_hook(after) for m in after_mods]
+        handles += [m.register_forward_pre_hook(before) for m in before_mods]
         outs = []
         try:
             for h, kws in self.batches():
-                seen.clear()
+                seen_after.clear()
+                seen_before.clear()
                 try:
                     for layer, kw in zip(self.layers, kws):
                         h = _first_tensor(layer(h, **kw))
@@ -368,11 +381,13 @@ class LayerwiseRunner:
 
 
 def _check_windows(windows, n):
-    prev_a = -1
+    prev = (-1, -1)
     for a, b in windows:
-        if not (0 <= a < b <= n) or a <= prev_a:
+        # Starts never go back; equal starts are allowed when the stop grows (SliderQuant's expanding
+        # windows [0, 1), [0, 2), ... anchored at layer 0). No window may repeat its predecessor.
+        if not (0 <= a < b <= n) or (a, b) <= prev:
             raise ValueError(f"windows must be increasing [start, stop) ranges within 0..{n}, got {windows}")
-        prev_a = a
+        prev = (a, b)
     if windows[0][0] != 0 or windows[-1][1] != n:
         raise ValueError(f"windows must cover layers 0..{n - 1}, got {windows}")
     for (a1, b1), (a2, _) in zip(windows, windows[1:]):

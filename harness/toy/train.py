@@ -29,9 +29,11 @@ class TrainRecipe:
 
 
 BASE_RECIPE = TrainRecipe(steps=200, batch_size=48, with_reasoning=False, seed=1)
-# Fine-tuning runs in two stages (a high-lr stage, then a low-lr polish with bigger batches).
+# Fine-tuning runs in stages: a high-lr stage, then low-lr polishing with bigger batches.
 FINETUNE_RECIPES = (TrainRecipe(steps=1400, batch_size=48, lr=3e-3, with_reasoning=True, seed=2),
                     TrainRecipe(steps=1000, batch_size=64, lr=1e-3, warmup=20, with_reasoning=True, seed=3,
+                                threads=1),
+                    TrainRecipe(steps=800, batch_size=64, lr=5e-4, warmup=20, with_reasoning=True, seed=4,
                                 threads=1))
 
 

@@ -1,0 +1,487 @@
+"""SliderQuant (arXiv 2603.25284): sliding-window layer reconstruction with learnable scales and low-rank.
+
+Inter-layer sliding windows. L decoder layers are visited by a schedule of windows of consecutive
+layers (``window_schedule``): the shallow layers 0..L_s-1 by *expanding* windows anchored at layer 0
+([0], [0,1], ..., [0..L_s-1]); the middle by *fixed* windows of size w and stride s that overlap the
+shallow and the deep region by one layer; the deep layers by *shrinking* windows anchored at the last
+layer ([L-L_d..L-1], ..., [L-1]). Defaults L_s = L_d = 4, w = 2, s = 1 (32 layers: 33 windows).
+``method.windows="0-3,2-5,..."`` replaces the schedule by a hand-written one (inclusive ranges).
+
+Every window trains, on calibration data, the learnable parameters of its layers so that the
+window's quantized output on its *quantized* inputs matches the full-precision model's output
+on the full-precision inputs (MSE). Both trajectories are carried from window to window: the runner
+feeds the quantized one (its layers keep fake-quantizing while they are visited), this module carries
+the full-precision one. A layer visited by several overlapping windows keeps its parameters from one
+window to the next and goes on training them (a fresh AdamW per window, as the authors' code).
+
+Intra-layer incremental quantization: the whole schedule runs once per stage; in stage 1 only the
+first ceil(gamma * in_features) input columns of each weight are fake-quantized (on the grid of the
+whole weight), in stage 2 all of them (gamma = 1: one stage). ``epochs`` is the total over stages,
+split evenly (the authors' code: epochs // quant_step).
+
+Learnable parameters per linear (``_SliderLinear``):
+  alpha  per input channel, init 1, shared by a scale group (q/k/v; o; gate/up; down — the AWQ groups):
+         the layer computes (x / alpha) Q(W * alpha + B A)^T, and after training 1/alpha is folded into the
+         preceding op (input norm, v_proj rows, post-attention norm, up_proj rows) exactly as AWQ folds;
+  B A    rank-r correction added before quantization (A kaiming-uniform, B zero);
+  clip   OmniQuant-style learnable weight clipping: per (row, group) sigmoid(u) * max, sigmoid(l) * min,
+         init 4.0.
+Rounding goes through the shared quantizer's straight-through estimator (`fake_quantize_ste`).
+
+After both stages everything is folded into plain weights and quantized with the shared quantizer
+(`quantize_weight`) on the learned clipped grid, so the exporter writes the result like any other
+method's. Weight-only: activation quantization (W4A4) is not implemented here.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from harness.quant.context import MethodConfig, QuantContext
+from harness.quant.quantizer import QuantSpec, _grouped, fake_quantize_ste, qparams_from_range, quantize_weight
+from harness.quant.runner import LayerwiseRunner, _check_windows, _first_tensor
+from harness.registry import register_method
+from harness.types import QuantizedLinear, QuantResult, UserError
+from methods.awq import SCALE_GROUPS, fold_scale, gqa_expand
+
+
+@dataclass
+class SliderQuantConfig(MethodConfig):
+    # --- inter-layer windows
+    windows: Optional[str] = None       # hand-written schedule "0-3,2-5,..." (inclusive layer ranges); null: below
+    shallow: int = 4                    # L_s: layers visited by expanding windows anchored at 0 (0: none)
+    deep: int = 4                       # L_d: layers visited by shrinking windows anchored at L-1 (0: none)
+    window_size: int = 2                # w: middle windows
+    stride: int = 1                     # s: middle windows
+    # --- intra-layer incremental quantization
+    gamma: float = 0.5                  # stage 1 quantizes the first ceil(gamma*in) columns, stage 2 all (1.0: one stage)
+    # --- learnable parameters
+    scales: bool = True                 # per-channel alpha (folded into the preceding op)
+    scale_groups: list = field(default_factory=lambda: ["qkv", "o", "gate_up", "down"])
+    rank: int = 4                       # low-rank correction B A (0: none)
+    clip: bool = True                   # learnable weight clipping
+    clip_init: float = 4.0              # sigmoid(4) = 0.982
+    # --- training
+    epochs: Optional[int] = None        # total over the stages; null: 60 at 2 bits, else 20
+    batch_size: int = 1                 # calibration rows per step
+    lr_scale: float = 1.0e-3
+    lr_lowrank: float = 1.0e-4
+    lr_clip: float = 1.0e-2
+    lr_by_batch: bool = True            # lrs multiplied by batch_size (the authors' code)
+    weight_decay: float = 0.0
+    seed: int = 0
+    offload: str = "auto"               # calibration activations: auto | cpu | device
+
+
+def check_config(cfg: SliderQuantConfig) -> None:
+    checks = [("shallow", cfg.shallow >= 0, "an integer >= 0"), ("deep", cfg.deep >= 0, "an integer >= 0"),
+              ("window_size", cfg.window_size >= 1, "an integer >= 1"),
+              ("stride", 1 <= cfg.stride <= cfg.window_size, "an integer in [1, window_size]"),
+              ("gamma", 0 < cfg.gamma <= 1, "(0, 1]"), ("rank", cfg.rank >= 0, "an integer >= 0"),
+              ("epochs", cfg.epochs is None or cfg.epochs >= 0, "null or an integer >= 0"),
+              ("batch_size", cfg.batch_size >= 1, "an integer >= 1"),
+              ("lr_scale", cfg.lr_scale >= 0, ">= 0"), ("lr_lowrank", cfg.lr_lowrank >= 0, ">= 0"),
+              ("lr_clip", cfg.lr_clip >= 0, ">= 0"), ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
+              ("offload", cfg.offload in ("auto", "cpu", "device"), "auto, cpu, device")]
+    for key, ok, allowed in checks:
+        if not ok:
+            raise UserError(f"method.{key}={getattr(cfg, key)!r} is not allowed; allowed: {allowed}")
+    bad = [g for g in cfg.scale_groups if g not in SCALE_GROUPS]
+    if bad:
+        raise UserError(f"method.scale_groups contains {bad!r}; allowed: {', '.join(SCALE_GROUPS)}")
+    if cfg.windows is not None:
+        parse_windows(cfg.windows)
+
+
+# ------------------------------------------------------------------ the window schedule
+
+def window_schedule(n_layers: int, shallow: int = 4, deep: int = 4, size: int = 2, stride: int = 1) -> list[tuple[int, int]]:
+    """[start, stop) windows: expanding over the shallow layers, size/stride in the middle, shrinking over the deep.
+
+    The middle windows start at the last shallow layer and end at the first deep layer (one layer of
+    overlap each side). With fewer layers than L_s + L_d the regions overlap: repeated windows are dropped
+    (4 layers, defaults: [0], [0,1], [0..2], [0..3], [1..3], [2,3], [3]).
+    """
+    L = n_layers
+    ls, ld = min(shallow, L), min(deep, L)
+    out = [(0, i + 1) for i in range(ls)]
+    first = ls - 1 if ls else 0
+    last = L - ld if ld else L - 1           # last layer the middle windows must cover
+    a = first
+    while a <= last and (not out or out[-1][1] <= last):
+        out.append((a, min(a + size, last + 1)))
+        a += stride
+    out += [(i, L) for i in range(L - ld, L)]
+    clean = []
+    for w in out:           # drop repeats and windows that would step back (tiny models)
+        if not clean or w > clean[-1]:
+            clean.append(w)
+    return clean
+
+
+def parse_windows(text: str, n_layers: Optional[int] = None) -> list[tuple[int, int]]:
+    """'0-3,2-5,6' (inclusive layer ranges) -> [(0, 4), (2, 6), (6, 7)]; validated against n_layers if given."""
+    out = []
+    for part in str(text).replace(" ", "").split(","):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
+            raise UserError(f"method.windows={text!r}: {part!r} is not a layer range; allowed: 'a-b' or 'a' "
+                            f"(inclusive), comma-separated, e.g. '0-3,2-5,4-7'")
+        a = int(m.group(1))
+        out.append((a, int(m.group(2) if m.group(2) is not None else a) + 1))
+    if n_layers is not None:
+        try:
+            _check_windows(out, n_layers)
+        except ValueError as e:
+            raise UserError(f"method.windows={text!r}: {e}") from None
+    return out
+
+
+def format_windows(windows: list[tuple[int, int]]) -> str:
+    return ",".join(f"{a}" if b - a == 1 else f"{a}-{b - 1}" for a, b in windows)
+
+
+# ------------------------------------------------------------------ the learnable fake-quant linear
+
+def lwc_range(w: torch.Tensor, spec: QuantSpec, up: Optional[torch.Tensor], low: Optional[torch.Tensor]):
+    """(scale, zero) per (row, group) with learnable clipping: max * sigmoid(up), min * sigmoid(low)."""
+    wg = _grouped(w, spec.group_size)
+    xmin, xmax = wg.amin(-1), wg.amax(-1)
+    if up is not None:
+        xmax = xmax * torch.sigmoid(up)
+        xmin = xmin * torch.sigmoid(low)
+    return qparams_from_range(xmin, xmax, spec)
+
+
+class _SliderLinear(nn.Module):
+    """A Linear that trains SliderQuant's parameters around its frozen full-precision weight."""
+
+    def __init__(self, lin: nn.Linear, spec: QuantSpec, cfg: SliderQuantConfig, gen: torch.Generator):
+        super().__init__()
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+        self.weight = lin.weight            # the original parameter, frozen
+        self.weight.requires_grad_(False)
+        self.bias = lin.bias
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.spec = spec
+        dev = lin.weight.device
+        if cfg.rank:
+            a = torch.empty(cfg.rank, self.in_features)
+            bound = 1 / math.sqrt(self.in_features)     # kaiming_uniform_(a=sqrt(5)) on [r, in]
+            a.uniform_(-bound, bound, generator=gen)
+            self.lora_a = nn.Parameter(a.to(dev))
+            self.lora_b = nn.Parameter(torch.zeros(self.out_features, cfg.rank, device=dev))
+        else:
+            self.lora_a = self.lora_b = None
+        if cfg.clip:
+            ng = 1 if spec.group_size <= 0 else self.in_features // spec.group_size
+            self.clip_up = nn.Parameter(torch.full((self.out_features, ng), cfg.clip_init, device=dev))
+            self.clip_low = nn.Parameter(torch.full((self.out_features, ng), cfg.clip_init, device=dev))
+        else:
+            self.clip_up = self.clip_low = None
+        self.quant = True
+        self.fp = False             # True: the original linear (the full-precision teacher)
+        self.gamma = 1.0
+        self._alpha: Optional[tuple[nn.ParameterDict, str, Optional[torch.Tensor]]] = None
+
+    def set_alpha(self, holder: nn.ParameterDict, key: str, expand: Optional[torch.Tensor]) -> None:
+        self._alpha = (holder, key, expand)
+
+    def alpha_cols(self) -> Optional[torch.Tensor]:
+        if self._alpha is None:
+            return None
+        holder, key, expand = self._alpha
+        a = holder[key]
+        return a if expand is None else a[expand.to(a.device)]
+
+    def effective_weight(self) -> torch.Tensor:
+        """W * alpha + B A in float32 (before quantization)."""
+        w = self.weight.float()
+        cols = self.alpha_cols()
+        if cols is not None:
+            w = w * cols
+        if self.lora_a is not None:
+            w = w + self.lora_b @ self.lora_a
+        return w
+
+    def grid(self, w: torch.Tensor):
+        return lwc_range(w, self.spec, self.clip_up, self.clip_low)
+
+    def forward(self, x):
+        if self.fp:
+            return F.linear(x, self.weight, self.bias)
+        w = self.effective_weight()
+        if self.quant:
+            scale, zero = self.grid(w)
+            wq = fake_quantize_ste(w, scale, zero, self.spec)
+            if self.gamma < 1:
+                k = min(self.in_features, math.ceil(self.gamma * self.in_features))
+                wq = torch.cat([wq[:, :k], w[:, k:]], dim=1)
+            w = wq
+        cols = self.alpha_cols()
+        if cols is not None:
+            x = x / cols.to(x.dtype)
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"lowrank": [p for p in (self.lora_a, self.lora_b) if p is not None],
+                "clip": [p for p in (self.clip_up, self.clip_low) if p is not None]}
+
+
+def _cast_layer(layer: nn.Module, dtype: torch.dtype, keep: set) -> torch.dtype:
+    """Cast a layer's floating parameters and buffers to dtype, except the learnable ones (kept float32).
+
+    Returns the dtype the layer had (that of its first non-learnable floating parameter)."""
+    before = None
+    for p in layer.parameters():
+        if id(p) in keep or not p.is_floating_point():
+            continue
+        before = before or p.dtype
+        if p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    for mod in layer.modules():
+        for k, b in list(mod._buffers.items()):
+            if b is not None and b.is_floating_point() and b.dtype != dtype:
+                mod._buffers[k] = b.to(dtype)
+    return before or dtype
+
+
+def _set(root: nn.Module, name: str, mod: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, mod)
+
+
+# ------------------------------------------------------------------ the method
+
+@register_method("sliderquant")
+class SliderQuant:
+    Config = SliderQuantConfig
+    quantizes = True
+    uses_calibration = True
+
+    def __init__(self, cfg: SliderQuantConfig):
+        check_config(cfg)
+        self.cfg = cfg
+
+    def schedule(self, n_layers: int) -> list[tuple[int, int]]:
+        c = self.cfg
+        if c.windows is not None:
+            return parse_windows(c.windows, n_layers)
+        return window_schedule(n_layers, c.shallow, c.deep, c.window_size, c.stride)
+
+    def quantize(self, model, ctx: QuantContext) -> QuantResult:
+        cfg, spec = self.cfg, ctx.spec
+        ids = ctx.calibration_ids()
+        runner = LayerwiseRunner(model, ids, ctx.device, batch_tokens=cfg.batch_size * ids.shape[1],
+                                 offload=cfg.offload, progress=ctx.progress, desc="sliderquant")
+        n = len(runner.layers)
+        windows = self.schedule(n)
+        if ctx.progress:
+            print(f"sliderquant: {len(windows)} windows over {n} layers: {format_windows(windows)}")
+        epochs = cfg.epochs if cfg.epochs is not None else (60 if spec.bits == 2 else 20)
+        gammas = [cfg.gamma, 1.0] if cfg.gamma < 1 else [1.0]
+        per_stage = epochs // len(gammas)
+        self._wrapped: dict[int, dict[str, _SliderLinear]] = {}
+        self._scales: dict[int, nn.ParameterDict] = {}
+        self._gen = torch.Generator().manual_seed(cfg.seed)
+        result = QuantResult(info={"windows": format_windows(windows), "epochs_per_stage": per_stage,
+                                   "stages": gammas, "loss": []})
+        runner.capture()
+        h0 = list(runner.hidden)
+        try:
+            for stage, gamma in enumerate(gammas):
+                runner.hidden = list(h0)
+                self._fp_hidden = list(h0)
+                self._gamma = gamma
+                for layer_wrappers in self._wrapped.values():
+                    for w in layer_wrappers.values():
+                        w.gamma = gamma
+                runner.run(lambda win: self._train_window(win, windows, spec, per_stage, stage, result), windows)
+            self._fp_hidden = []
+            self._finalize(runner, spec, result)
+        finally:
+            self._fp_hidden = []
+        return result
+
+    # -------------------------------------------------------------- wrapping a layer
+
+    def _wrap_layer(self, index: int, prefix: str, layer: nn.Module, spec: QuantSpec) -> None:
+        cfg = self.cfg
+        wrapped = {}
+        for name, mod in list(layer.named_modules()):
+            full = f"{prefix}.{name}"
+            if isinstance(mod, nn.Linear) and any(re.search(p, full) for p in cfg.include) \
+                    and not any(re.search(p, full) for p in cfg.exclude):
+                spec.check_width(full, mod.in_features)
+                w = _SliderLinear(mod, spec, cfg, self._gen)
+                _set(layer, name, w)
+                wrapped[name] = w
+        holder = nn.ParameterDict()
+        if cfg.scales:
+            modules = dict(layer.named_modules())
+            for gname in cfg.scale_groups:
+                g = SCALE_GROUPS[gname]
+                if g.prev not in modules or not all(n in wrapped for n in g.linears):
+                    continue
+                lins = [wrapped[n] for n in g.linears]
+                prev = modules[g.prev]
+                expand = None
+                if gname == "o":
+                    expand = gqa_expand(modules["self_attn"], prev, lins[0])
+                    width = prev.out_features
+                else:
+                    width = lins[0].in_features
+                holder[gname] = nn.Parameter(torch.ones(width, device=lins[0].weight.device))
+                for lin in lins:
+                    lin.set_alpha(holder, gname, expand)
+        layer.sliderquant_scales = holder          # moves with the layer; removed by _finalize
+        for w in wrapped.values():
+            w.gamma = self._gamma
+        self._wrapped[index] = wrapped
+        self._scales[index] = holder
+
+    # -------------------------------------------------------------- one window
+
+    def _train_window(self, win, windows, spec, epochs, stage, result) -> None:
+        cfg = self.cfg
+        for i, prefix, layer in zip(range(win.start, win.stop), win.prefixes, win.layers):
+            if i not in self._wrapped:
+                self._wrap_layer(i, prefix, layer, spec)
+        wrappers = [w for i in range(win.start, win.stop) for w in self._wrapped[i].values()]
+        runner = win.runner
+        nxt = windows[win.index + 1][0] if win.index + 1 < len(windows) else win.stop
+        advance = nxt - win.start
+        learnable = {id(p) for i in range(win.start, win.stop) for p in self._learnable(i)}
+        dtypes = [_cast_layer(layer, torch.float32, learnable) for layer in win.layers]
+
+        def run(h, kws):
+            outs = []
+            for layer, kw in zip(win.layers, kws):
+                h = _first_tensor(layer(h, **kw))
+                outs.append(h)
+            return outs
+
+        # Full-precision targets (fp inputs through the original layers) and the next window's fp inputs.
+        targets, next_fp = [], []
+        with torch.no_grad():
+            for w in wrappers:
+                w.fp = True
+            try:
+                for b, (_, kws) in enumerate(win.batches()):
+                    outs = run(self._fp_hidden[b].to(win.device).float(), kws)
+                    targets.append(outs[-1].to(runner.store_device))
+                    if advance > 0:
+                        next_fp.append(outs[advance - 1].to(runner.store_device, self._fp_hidden[b].dtype))
+            finally:
+                for w in wrappers:
+                    w.fp = False
+        if advance > 0:
+            self._fp_hidden = next_fp
+
+        n_batches = len(runner.hidden)
+
+        def batch(b):
+            kws = [runner.layer_kwargs(i, b, win.device) for i in range(win.start, win.stop)]
+            return runner.hidden[b].to(win.device).float(), kws
+
+        def window_loss() -> float:
+            with torch.no_grad():
+                tot = 0.0
+                for b in range(n_batches):
+                    h, kws = batch(b)
+                    tot += float(F.mse_loss(run(h, kws)[-1], targets[b].to(win.device)))
+                return tot / n_batches
+
+        init = window_loss()
+        params = {"scale": [p for i in range(win.start, win.stop) for p in self._scales[i].parameters()],
+                  "lowrank": [p for w in wrappers for p in w.param_groups()["lowrank"]],
+                  "clip": [p for w in wrappers for p in w.param_groups()["clip"]]}
+        factor = cfg.batch_size if cfg.lr_by_batch else 1
+        lrs = {"scale": cfg.lr_scale, "lowrank": cfg.lr_lowrank, "clip": cfg.lr_clip}
+        groups = [{"params": ps, "lr": lrs[k] * factor, "weight_decay": cfg.weight_decay}
+                  for k, ps in params.items() if ps and lrs[k] > 0]
+        steps = epochs * n_batches
+        if groups and steps:
+            for g in groups:
+                for p in g["params"]:
+                    p.requires_grad_(True)
+            opt = torch.optim.AdamW(groups)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps))
+            order_gen = torch.Generator().manual_seed(cfg.seed * 1000003 + stage * 1009 + win.index)
+            with torch.enable_grad():
+                for _ in range(epochs):
+                    for b in torch.randperm(n_batches, generator=order_gen).tolist():
+                        h, kws = batch(b)
+                        loss = F.mse_loss(run(h, kws)[-1], targets[b].to(win.device))
+                        if not torch.isfinite(loss):
+                            raise RuntimeError(f"sliderquant: non-finite loss in window {win.start}-{win.stop - 1}")
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                        sched.step()
+            for g in groups:
+                for p in g["params"]:
+                    p.requires_grad_(False)
+                    p.grad = None
+            del opt
+        final = window_loss()
+        result.info["loss"].append({"stage": stage, "window": f"{win.start}-{win.stop - 1}",
+                                    "init": init, "final": final})
+        del targets
+        for layer, dt in zip(win.layers, dtypes):
+            _cast_layer(layer, dt, learnable)
+
+    def _learnable(self, i: int) -> list[nn.Parameter]:
+        ps = list(self._scales[i].parameters())
+        for w in self._wrapped[i].values():
+            for group in w.param_groups().values():
+                ps += group
+        return ps
+
+    # -------------------------------------------------------------- folding and quantizing
+
+    @torch.no_grad()
+    def _finalize(self, runner, spec: QuantSpec, result: QuantResult) -> None:
+        for i, wrapped in sorted(self._wrapped.items()):
+            layer = runner.layers[i]
+            prefix = f"{runner.layers_name}.{i}"
+            holder = self._scales[i]
+            modules = dict(layer.named_modules())
+            eff = {n: w.effective_weight() for n, w in wrapped.items()}
+            for gname, alpha in holder.items():          # 1/alpha into the op before the group
+                g = SCALE_GROUPS[gname]
+                prev = modules[g.prev]
+                a = alpha.detach().float()
+                if isinstance(prev, _SliderLinear):
+                    eff[g.prev] = eff[g.prev] / a[:, None].to(eff[g.prev].device)
+                    if prev.bias is not None:
+                        prev.bias.data.copy_((prev.bias.data.float() / a.to(prev.bias.device)).to(prev.bias.dtype))
+                else:
+                    fold_scale(prev, [], a)
+            for name, w in wrapped.items():
+                we = eff[name]
+                scale, zero = w.grid(we)
+                dtype = w.weight.dtype
+                q, deq = quantize_weight(we, spec, scale=scale.to(dtype).float(), zero=zero)
+                lin = nn.Linear(w.in_features, w.out_features, bias=w.bias is not None,
+                                device=w.weight.device, dtype=dtype)
+                lin.weight.data.copy_(deq.to(dtype))
+                if w.bias is not None:
+                    lin.bias.data.copy_(w.bias.data)
+                _set(layer, name, lin)
+                result.layers[f"{prefix}.{name}"] = QuantizedLinear(
+                    codes=q.codes.cpu(), scale=q.scale.cpu(), zero=q.zero.cpu(), bits=q.bits,
+                    group_size=q.group_size, sym=q.sym)
+            del layer.sliderquant_scales
+        self._wrapped.clear()
+        self._scales.clear()
+
+
+__all__ = ["SliderQuant", "SliderQuantConfig", "window_schedule", "parse_windows", "format_windows", "lwc_range"]

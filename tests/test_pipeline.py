@@ -1,0 +1,105 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO
+
+
+def lines(path):
+    return path.read_text().splitlines()
+
+
+def test_run_writes_config_samples_metrics(rq, tmp_path):
+    r = rq("method=rtn", "task.limit=24", f"results_dir={tmp_path}")
+    d = tmp_path / "toy" / "rtn-w4g128" / "arith" / "seed0"
+    assert (d / "config.yaml").exists() and (d / "metrics.json").exists()
+    recs = [json.loads(x) for x in lines(d / "samples.jsonl")]
+    assert len(recs) == 24 and {r["sample"] for r in recs} == {0}
+    assert set(recs[0]) >= {"id", "prompt", "completion", "parsed", "gold", "correct", "n_tokens", "finish_reason"}
+    m = r["metrics"]
+    assert m["n_examples"] == 24 and 0 <= m["acc"] <= 1
+    assert m["acc"] == pytest.approx(sum(x["correct"] for x in recs) / 24)
+    assert set(r["seconds"]) >= {"load", "generate", "score"} and r["tokens_generated"] > 0
+    assert r["memory"]["peak_rss_mb"] > 0
+
+
+def test_same_seed_gives_identical_samples(rq, tmp_path):
+    args = ["method=fp", "task.limit=6", "sampling.temperature=0.8", "sampling.n=3", "seed=4"]
+    rq(*args, f"results_dir={tmp_path / 'a'}")
+    rq(*args, f"results_dir={tmp_path / 'b'}", "backend.batch_size=5")
+    a = (tmp_path / "a" / "toy" / "fp" / "arith" / "seed4" / "samples.jsonl").read_bytes()
+    b = (tmp_path / "b" / "toy" / "fp" / "arith" / "seed4" / "samples.jsonl").read_bytes()
+    assert a == b
+    rq(*args[:-1], "seed=5", f"results_dir={tmp_path / 'a'}")
+    c = (tmp_path / "a" / "toy" / "fp" / "arith" / "seed5" / "samples.jsonl").read_bytes()
+    assert c != a
+
+
+def test_a_run_dir_never_mixes_configurations(rq, tmp_path):
+    rq("method=fp", "task.limit=4", f"results_dir={tmp_path}")
+    from harness.types import UserError
+    with pytest.raises(UserError, match="different configuration.*sampling.*run_tag"):
+        rq("method=fp", "task.limit=4", "sampling.temperature=0.5", f"results_dir={tmp_path}")
+    rq("method=fp", "task.limit=4", "sampling.temperature=0.5", "run_tag=t05", f"results_dir={tmp_path}")
+    assert (tmp_path / "toy" / "fp-t05" / "arith" / "seed0" / "metrics.json").exists()
+
+
+def test_quantized_checkpoint_is_cached_and_reused(rq, tmp_path):
+    a = rq("method=rtn", "quant.bits=3", "task.limit=8", f"results_dir={tmp_path}", f"cache_dir={tmp_path / 'c'}")
+    b = rq("method=rtn", "quant.bits=3", "task.limit=8", "task.n_problems=100", f"results_dir={tmp_path / 'r2'}",
+           f"cache_dir={tmp_path / 'c'}")
+    assert not a["checkpoint"]["cached"] and b["checkpoint"]["cached"]
+    assert a["checkpoint"]["checkpoint"] == b["checkpoint"]["checkpoint"]
+    assert "quantize" in a["seconds"] and "quantize" not in b["seconds"]
+
+
+def test_rtn_accuracy_falls_with_bits(rq, tmp_path):
+    acc = {}
+    for args in (["method=fp"], ["method=rtn", "quant.bits=8"], ["method=rtn", "quant.bits=2", "quant.group_size=32"]):
+        acc[" ".join(args)] = rq(*args, "task.limit=200", f"results_dir={tmp_path}")["metrics"]["acc"]
+    fp, w8, w2 = acc.values()
+    assert fp > 0.5
+    assert abs(w8 - fp) <= 0.01
+    assert w2 < fp - 0.2
+
+
+def _kill_when(path, n_lines, proc, timeout=300):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if path.exists() and len(path.read_text().splitlines()) >= n_lines:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return
+        if proc.poll() is not None:
+            raise AssertionError("run finished before it could be killed: " + proc.stderr.read()[-2000:])
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("samples.jsonl did not grow in time")
+
+
+def test_resume_after_kill_loses_and_duplicates_nothing(cli, tmp_path):
+    args = ["method=fp", "task.limit=64", "backend.batch_size=4", "sampling.temperature=0.7", "sampling.n=2"]
+    samples = tmp_path / "killed" / "toy" / "fp" / "arith" / "seed0" / "samples.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "progress=false", *args,
+                             f"results_dir={tmp_path / 'killed'}"], cwd=REPO, stderr=subprocess.PIPE, text=True,
+                            env=os.environ.copy())
+    _kill_when(samples, 12, proc)
+    n_before = len(lines(samples))
+    assert n_before < 128
+    with samples.open("a") as f:          # the kill can also land mid-line
+        f.write('{"id": "arith-9", "sam')
+    cli(*args, f"results_dir={tmp_path / 'killed'}")
+    cli(*args, f"results_dir={tmp_path / 'clean'}")
+    killed = [json.loads(x) for x in lines(samples)]
+    clean = [json.loads(x) for x in lines(tmp_path / "clean" / "toy" / "fp" / "arith" / "seed0" / "samples.jsonl")]
+    assert len(killed) == 128 and len({(r["id"], r["sample"]) for r in killed}) == 128
+    key = lambda r: (r["id"], r["sample"])
+    assert sorted(killed, key=key) == sorted(clean, key=key)
+    mk = json.loads((samples.parent / "metrics.json").read_text())["metrics"]
+    mc = json.loads((tmp_path / "clean" / "toy" / "fp" / "arith" / "seed0" / "metrics.json").read_text())["metrics"]
+    assert mk == mc

@@ -1,0 +1,124 @@
+"""SliderQuant: the window schedule, training lowers each window's reconstruction error, folding is exact."""
+import copy
+
+import pytest
+import torch
+
+from harness import registry
+from harness.quant.context import QuantContext
+from harness.quant.quantizer import QuantSpec, dequantize
+from harness.quant.runner import LayerwiseRunner, _check_windows
+from harness.toy.tokenizer import build_tokenizer
+from harness.toy.train import new_model
+from harness.types import UserError
+from methods.sliderquant import SliderQuant, SliderQuantConfig, _SliderLinear, parse_windows, window_schedule
+
+
+def test_default_schedule_for_32_layers():
+    w = window_schedule(32)
+    assert len(w) == 33
+    assert w[:4] == [(0, 1), (0, 2), (0, 3), (0, 4)]                  # expanding, anchored at 0
+    assert w[4:29] == [(a, a + 2) for a in range(3, 28)]               # size 2, stride 1, from layer 3 to 28
+    assert w[29:] == [(28, 32), (29, 32), (30, 32), (31, 32)]          # shrinking, anchored at 31
+
+
+def test_small_and_ablation_schedules():
+    assert window_schedule(4) == [(0, 1), (0, 2), (0, 3), (0, 4), (1, 4), (2, 4), (3, 4)]
+    assert window_schedule(6, 0, 0, 2, 1) == [(0, 2), (1, 3), (2, 4), (3, 5), (4, 6)]        # CBQ-like
+    assert window_schedule(5, 0, 0, 1, 1) == [(i, i + 1) for i in range(5)]                 # OmniQuant-like
+    assert window_schedule(12, 4, 4, 3, 2) == [(0, 1), (0, 2), (0, 3), (0, 4), (3, 6), (5, 8), (7, 9),
+                                               (8, 12), (9, 12), (10, 12), (11, 12)]
+    for n in range(1, 40):          # every generated schedule is one the runner accepts
+        for args in ((4, 4, 2, 1), (2, 3, 3, 2), (0, 0, 1, 1), (1, 0, 4, 4)):
+            _check_windows(window_schedule(n, *args), n)
+
+
+def test_hand_written_schedule_and_validation():
+    assert parse_windows("0-3,2-5, 6", 7) == [(0, 4), (2, 6), (6, 7)]
+    for bad in ("0-3,5-6", "1-6", "0-2,x", "3-1", "0-3,0-3"):
+        with pytest.raises(UserError, match="method.windows"):
+            parse_windows(bad, 7)
+    for key, val in (("gamma", 0.0), ("stride", 3), ("batch_size", 0), ("scale_groups", ["qkv", "mlp"])):
+        with pytest.raises(UserError, match=f"method.{key}"):
+            SliderQuant(SliderQuantConfig(name="sliderquant", **{key: val}))
+
+
+@pytest.fixture(scope="module")
+def toy_and_ids():
+    tok = build_tokenizer()
+    model = new_model(tok, seed=0).eval()
+    return model, torch.randint(0, len(tok), (4, 32), generator=torch.Generator().manual_seed(0))
+
+
+class _CheckFold(SliderQuant):
+    """Records the trained fake-quant model's output right before folding, to compare with the folded one."""
+
+    def _finalize(self, runner, spec, result):
+        with torch.no_grad():
+            self.trained_out = runner.model.model(self.ids).last_hidden_state.clone()
+        super()._finalize(runner, spec, result)
+
+
+def test_training_lowers_window_error_and_folding_keeps_the_function(toy_and_ids):
+    model, ids = toy_and_ids
+    spec = QuantSpec(bits=2, group_size=32)
+    # large scale lr so that alpha moves far from 1 and the fold is really exercised
+    cfg = SliderQuantConfig(name="sliderquant", windows="0-1,1-3,3", epochs=4, lr_scale=2e-2, lr_lowrank=1e-3)
+    m = copy.deepcopy(model)
+    method = _CheckFold(cfg)
+    method.ids = ids
+    res = method.quantize(m, QuantContext(spec=spec, method_cfg=cfg, calib=lambda: ids, progress=False))
+    losses = res.info["loss"]
+    assert [(e["stage"], e["window"]) for e in losses] == [(s, w) for s in (0, 1) for w in ("0-1", "1-3", "3-3")]
+    for e in losses:
+        assert e["final"] < e["init"], e
+    # no wrapper or learnable parameter is left; the model holds exactly the decoded codes
+    assert not any(isinstance(mod, _SliderLinear) for mod in m.modules())
+    assert not any("sliderquant" in n or "lora" in n or "clip" in n for n, _ in m.named_parameters())
+    assert len(res.layers) == 7 * model.config.num_hidden_layers
+    for name, q in res.layers.items():
+        w = m.get_submodule(name).weight
+        assert torch.equal(w, dequantize(q.codes, q.scale, q.zero, q.group_size).to(w.dtype))
+    alphas_moved = (m.model.layers[0].input_layernorm.weight - model.model.layers[0].input_layernorm.weight).detach()
+    assert float(alphas_moved.abs().max()) > 1e-3
+    with torch.no_grad():
+        folded = m.model(ids).last_hidden_state
+        ref = model.model(ids).last_hidden_state
+    # folding 1/alpha into norms / v / up is exact up to rounding ties: far below the quantization error
+    fold_err = float(((folded - method.trained_out) ** 2).mean())
+    quant_err = float(((folded - ref) ** 2).mean())
+    assert fold_err < 1e-3 * quant_err
+
+
+def test_ablations_leave_the_right_parameters_out(toy_and_ids):
+    model, ids = toy_and_ids
+    spec = QuantSpec(bits=3, group_size=-1)
+    cfg = SliderQuantConfig(name="sliderquant", windows="0-3", gamma=1.0, epochs=1, rank=0, scales=False,
+                            include=[r"^model\.layers\.[01]\."], exclude=[r"down_proj$"])
+    m = copy.deepcopy(model)
+    res = SliderQuant(cfg).quantize(m, QuantContext(spec=spec, method_cfg=cfg, calib=lambda: ids[:2], progress=False))
+    assert [e["stage"] for e in res.info["loss"]] == [0]             # gamma = 1: one stage
+    assert set(res.layers) == {f"model.layers.{i}.{n}" for i in (0, 1) for n in
+                               ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                "mlp.gate_proj", "mlp.up_proj")}
+    for i in (0, 1, 2, 3):  # no scales: the norms are untouched; layers outside include keep their weights
+        assert torch.equal(m.model.layers[i].input_layernorm.weight, model.model.layers[i].input_layernorm.weight)
+    assert torch.equal(m.model.layers[2].mlp.up_proj.weight, model.model.layers[2].mlp.up_proj.weight)
+    assert torch.equal(m.model.layers[0].mlp.down_proj.weight, model.model.layers[0].mlp.down_proj.weight)
+
+
+def test_runner_accepts_expanding_windows(toy_and_ids):
+    model, ids = toy_and_ids
+    with torch.no_grad():
+        ref = model.model(ids).last_hidden_state
+    visited = []
+    outs = LayerwiseRunner(model, ids, "cpu", progress=False).run(
+        lambda w: visited.append((w.start, w.stop)), [(0, 1), (0, 2), (0, 4), (1, 4), (3, 4)])
+    assert visited == [(0, 1), (0, 2), (0, 4), (1, 4), (3, 4)]
+    # the runner's outputs stop before the final norm: compare through it
+    assert torch.allclose(model.model.norm(torch.cat(outs)), ref, atol=1e-5, rtol=0)
+
+
+def test_registered_with_the_plugin_attributes():
+    cls = registry.get("method", "sliderquant")
+    assert cls is SliderQuant and cls.quantizes and cls.uses_calibration

@@ -1,0 +1,197 @@
+"""The vLLM backend through the real pipeline on the toy, with a stand-in `vllm` module that records
+exactly what the engine receives (vLLM itself needs a GPU host)."""
+import json
+import sys
+import types
+from dataclasses import fields
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+
+from harness.backends import auto as auto_backend
+from harness.backends.hf import HFBackendConfig
+from harness.backends.vllm import VLLMBackend, VLLMBackendConfig
+from harness.cli import CONF_DIR, execute
+from harness.seeding import sample_seed
+from harness.types import UserError
+
+FIELDS_OF_SAMPLING_PARAMS = ("n", "temperature", "top_p", "top_k", "max_tokens", "seed", "stop_token_ids",
+                             "skip_special_tokens")
+
+
+class StandInVLLM:
+    """A module object standing in for `vllm`: LLM and SamplingParams with vLLM's keyword names."""
+
+    def __init__(self, eos_text="<|im_end|>"):
+        self.engines = []
+        self.module = types.ModuleType("vllm")
+        outer = self
+
+        class SamplingParams:
+            def __init__(self, *, n=1, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=16, seed=None,
+                         stop_token_ids=None, skip_special_tokens=True):
+                self.n, self.temperature, self.top_p, self.top_k = n, temperature, top_p, top_k
+                self.max_tokens, self.seed, self.stop_token_ids = max_tokens, seed, stop_token_ids
+                self.skip_special_tokens = skip_special_tokens
+
+        class LLM:
+            def __init__(self, **kwargs):
+                self.kwargs, self.calls = kwargs, []
+                outer.engines.append(self)
+
+            def generate(self, prompts, sampling_params, use_tqdm=True):
+                assert isinstance(sampling_params, list) and len(sampling_params) == len(prompts)
+                self.calls.append((list(prompts), list(sampling_params)))
+                outs = []
+                for p, sp in zip(prompts, sampling_params):
+                    # A reply that depends on the request's own seed; every third one runs out of tokens.
+                    k = sp.seed % 1000
+                    if k % 3 == 0:
+                        o = SimpleNamespace(text=f"<think> {k}", token_ids=list(range(sp.max_tokens)),
+                                            finish_reason="length")
+                    else:   # vLLM may or may not leave the stop token's text in: the backend strips it
+                        o = SimpleNamespace(text=f"<think> {k} </think> \\boxed{{{k}}}" + (eos_text if k % 2 else ""),
+                                            token_ids=list(range(5 + k % 7)), finish_reason="stop")
+                    outs.append(SimpleNamespace(prompt_token_ids=p["prompt_token_ids"], outputs=[o]))
+                return outs
+
+        self.module.LLM, self.module.SamplingParams = LLM, SamplingParams
+        self.module.__version__ = "stand-in"
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    stand_in = StandInVLLM()
+    monkeypatch.setitem(sys.modules, "vllm", stand_in.module)
+    return stand_in
+
+
+def run(*overrides):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["progress=false", *overrides])
+    return execute(cfg)
+
+
+def records(results: Path, variant: str, seed=0):
+    path = results / "toy" / variant / "arith" / f"seed{seed}" / "samples.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_engine_receives_every_sample_as_one_seeded_request(fake_vllm, tmp_path):
+    args = ["backend=vllm", "method=rtn", "export=packed", "task.limit=6", "sampling.n=2",
+            "sampling.temperature=0.7", "sampling.top_p=0.9", "seed=3", f"results_dir={tmp_path}"]
+    result = run(*args)
+    [engine] = fake_vllm.engines
+    ckpt = Path(result["checkpoint"]["checkpoint"])
+    # The engine loads the packed (compressed-tensors) checkpoint directory the pipeline exported.
+    assert engine.kwargs == {"model": str(ckpt), "tensor_parallel_size": 1, "gpu_memory_utilization": 0.9,
+                             "enforce_eager": False, "dtype": "auto", "seed": 3, "trust_remote_code": False}
+    assert json.loads((ckpt / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
+    # One call: 6 prompts x 2 samples, one n=1 request each, seeded per (example, sample).
+    [(prompts, params)] = engine.calls
+    assert len(prompts) == len(params) == 12
+    recs = records(tmp_path, "rtn-w4g128", seed=3)
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    by_key = {(r["id"], r["sample"]): r for r in recs}
+    assert len(by_key) == 12 and {j for _, j in by_key} == {0, 1}
+    sent = {}
+    for p, sp in zip(prompts, params):
+        assert {f: getattr(sp, f) for f in FIELDS_OF_SAMPLING_PARAMS if f != "seed"} == {
+            "n": 1, "temperature": 0.7, "top_p": 0.9, "top_k": -1, "max_tokens": 128,
+            "stop_token_ids": [0, 2], "skip_special_tokens": False}
+        sent[sp.seed] = p["prompt_token_ids"]
+    for (ex_id, j), r in by_key.items():
+        seed = sample_seed(3, ex_id, j)
+        assert r["seed"] == seed and seed in sent
+        # The chat-rendered prompt, tokenized without extra special tokens (as the HF backend does).
+        assert sent[seed] == tok.encode(r["prompt"], add_special_tokens=False)
+        k = seed % 1000
+        if k % 3 == 0:
+            assert (r["completion"], r["n_tokens"], r["finish_reason"]) == (f"<think> {k}", 128, "length")
+            assert r["truncated"] and not r["correct"]
+        else:
+            assert r["completion"] == f"<think> {k} </think> \\boxed{{{k}}}"      # stop text stripped
+            assert (r["n_tokens"], r["finish_reason"]) == (5 + k % 7, "stop")
+            assert r["parsed"] == str(k)
+    m = result["metrics"]
+    assert m["n_samples"] == 12 and m["truncation_rate"] == pytest.approx(
+        sum(sample_seed(3, i, j) % 1000 % 3 == 0 for i, j in by_key) / 12)
+
+    # A rerun has nothing left to generate: no engine is even started.
+    run(*args)
+    assert len(fake_vllm.engines) == 1
+
+
+def test_stream_rows_chunks_and_engine_options(fake_vllm, tmp_path):
+    run("backend=vllm", "method=fp", "task.limit=6", "sampling.n=2", "backend.stream_rows=5",
+        "backend.max_model_len=512", "backend.tensor_parallel_size=2", "backend.enforce_eager=true",
+        "backend.dtype=float32", "backend.gpu_memory_utilization=0.5", f"results_dir={tmp_path}")
+    [engine] = fake_vllm.engines
+    from harness.toy.build import ensure_toy
+    assert engine.kwargs["model"] == str(ensure_toy("toy"))          # fp: the original checkpoint
+    assert {k: engine.kwargs[k] for k in ("max_model_len", "tensor_parallel_size", "enforce_eager", "dtype",
+                                          "gpu_memory_utilization")} == \
+        {"max_model_len": 512, "tensor_parallel_size": 2, "enforce_eager": True, "dtype": "float32",
+         "gpu_memory_utilization": 0.5}
+    assert [len(c[0]) for c in engine.calls] == [5, 5, 2]             # the pipeline appends after each
+    assert len(records(tmp_path, "fp")) == 12
+    assert all(sp.temperature == 0.0 for c in engine.calls for sp in c[1])   # arith's greedy default
+
+
+def test_missing_vllm_is_a_clear_error_before_anything_runs(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "vllm", None)        # `import vllm` raises ImportError
+    with pytest.raises(UserError) as e:
+        run("backend=vllm", "task.limit=2", f"results_dir={tmp_path}")
+    assert 'pip install -e ".[vllm]"' in str(e.value) and "backend=hf" in str(e.value)
+    assert not list(tmp_path.rglob("*.jsonl")) and not list(tmp_path.rglob("config.yaml"))
+
+
+def test_auto_picks_vllm_only_with_cuda_and_vllm(monkeypatch, fake_vllm, tmp_path, capsys):
+    assert auto_backend.choose(SimpleNamespace(type="cuda"))[0] == "vllm"
+    assert auto_backend.choose(SimpleNamespace(type="cpu"))[0] == "hf"
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    name, why = auto_backend.choose(SimpleNamespace(type="cuda"))
+    assert name == "hf" and "not installed" in why
+    monkeypatch.setitem(sys.modules, "vllm", fake_vllm.module)
+    # On this CPU machine a real run with backend=auto and both backends' keys uses HF and says so.
+    run("backend=auto", "backend.batch_size=3", "backend.max_model_len=99", "method=fp", "task.limit=4",
+        f"results_dir={tmp_path}")
+    assert "backend=auto picked hf (device is cpu)" in capsys.readouterr().err
+    assert not fake_vllm.engines and len(records(tmp_path, "fp")) == 4
+
+
+def test_backend_keys_are_checked_before_a_model_loads(tmp_path):
+    for args, expect in [(["backend=auto", "+backend.batch_sise=8"], ["backend.batch_sise", "batch_size",
+                                                                      "tensor_parallel_size"]),
+                         (["backend=vllm", "backend.tensor_parallel_size=two"], ["backend.tensor_parallel_size"]),
+                         (["backend=hf", "+backend.max_model_len=8"], ["backend.max_model_len", "batch_size"])]:
+        with pytest.raises(UserError) as e:
+            run(*args, "task.limit=2", f"results_dir={tmp_path}")
+        for x in expect:
+            assert x in str(e.value)
+    assert not list(tmp_path.rglob("samples.jsonl"))
+
+
+def test_bad_engine_values_are_user_errors(fake_vllm):
+    tok = SimpleNamespace(eos_token_id=2, convert_tokens_to_ids=lambda t: None, unk_token_id=None,
+                          convert_ids_to_tokens=lambda i: "<e>")
+    for key, value in [("gpu_memory_utilization", 1.5), ("tensor_parallel_size", 0), ("dtype", "fp8"),
+                       ("stream_rows", 0)]:
+        with pytest.raises(UserError, match=f"backend.{key}"):
+            VLLMBackend(VLLMBackendConfig(**{key: value}), model_path="/nonexistent", tokenizer=tok)
+
+
+def test_yaml_nodes_match_their_schemas():
+    def keys(name):
+        return set(yaml.safe_load((Path(CONF_DIR) / "backend" / f"{name}.yaml").read_text()))
+    assert keys("vllm") == {f.name for f in fields(VLLMBackendConfig)}
+    assert keys("hf") == {f.name for f in fields(HFBackendConfig)}
+    assert keys("auto") == {f.name for f in fields(auto_backend.AutoBackendConfig)} == \
+        {f.name for f in fields(VLLMBackendConfig)} | {f.name for f in fields(HFBackendConfig)}
+    defaults = {f.name: f.default for f in fields(auto_backend.AutoBackendConfig)}
+    assert defaults["batch_size"] == HFBackendConfig().batch_size
+    assert defaults["stream_rows"] == VLLMBackendConfig().stream_rows
