@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from tqdm.auto import tqdm
 
 from harness import __version__, tracking
 from harness.config import RunSpec
@@ -245,7 +246,7 @@ def make_backend(spec: RunSpec, model, tok, device, ckpt_path: str):
     cls = registry.get("backend", name)
     cfg = typed(cls.Config, {**node, "name": name}, "backend")
     if name == "hf":
-        return cls(cfg, model, tok, device, progress=spec.top.progress)
+        return cls(cfg, model, tok, device, progress=False)     # the pipeline shows one bar for the whole run
     if device.type == "cuda":       # the engine loads the checkpoint itself: give it the GPU memory
         model.to("cpu")
         torch.cuda.empty_cache()
@@ -267,6 +268,7 @@ def generate_and_score(spec: RunSpec, task, examples, backend, tok, store: Sampl
     # Sorted by prompt length so similar lengths share a batch (less padding).
     pending.sort(key=lambda r: len(prompts[r[0]]))
     chunk = getattr(backend, "stream_rows", None) or getattr(backend.cfg, "batch_size", 64)
+    bar = tqdm(total=len(pending), desc=f"generate {task.name}", unit="sample", disable=not spec.top.progress)
     for start in range(0, len(pending), chunk):
         rows = pending[start:start + chunk]
         ids = list(dict.fromkeys(r[0] for r in rows))
@@ -285,6 +287,8 @@ def generate_and_score(spec: RunSpec, task, examples, backend, tok, store: Sampl
                                  "parsed": s.parsed, "correct": bool(s.correct), "truncated": bool(s.truncated),
                                  "meta": ex.meta, "extra": s.extra})
         store.append(recs)
+        bar.update(len(recs))
+    bar.close()
 
 
 def closed_think_prefill(prompt: str) -> str:
