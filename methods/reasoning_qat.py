@@ -64,6 +64,7 @@ from harness.registry import register_method
 from harness.types import Example, QuantResult, Sampling, UserError
 
 OBJECTIVES = ("kd", "sft")
+LATENTS = ("projected", "ptq")
 
 
 class TrainingStopped(RuntimeError):
@@ -99,10 +100,11 @@ class RLConfig:
 @dataclass
 class ReasoningQATConfig(MethodConfig):
     init: str = "gptq"                # PTQ initialisation: any quantizing method, or none
-    init_cfg: dict = field(default_factory=dict)      # overrides of the init method's config
+    init_cfg: Optional[dict] = None   # overrides of the init method's config, e.g. {damp: 0.1}
     objective: str = "kd"             # kd | sft
     temperature: float = 1.0          # KD temperature
     learn_scales: bool = False
+    latent: str = "projected"         # projected: the fp weight where it rounds to the PTQ code, else the PTQ weight | ptq: the PTQ weight
     data: Optional[CalibConfig] = None   # null: the run's calib set; else a calib-style node
     mask_prompts: bool = True
     packing: bool = False
@@ -127,6 +129,7 @@ def check_config(cfg: ReasoningQATConfig) -> None:
     checks = [("init", cfg.init in allowed_init, ", ".join(allowed_init)),
               ("objective", cfg.objective in OBJECTIVES, ", ".join(OBJECTIVES)),
               ("temperature", cfg.temperature > 0, "> 0"),
+              ("latent", cfg.latent in LATENTS, ", ".join(LATENTS)),
               ("seq_len", cfg.seq_len is None or cfg.seq_len >= 2, "null or an integer >= 2"),
               ("steps", cfg.steps >= 0, "an integer >= 0"),
               ("batch_size", cfg.batch_size >= 1, "an integer >= 1"),
@@ -160,11 +163,24 @@ def check_config(cfg: ReasoningQATConfig) -> None:
         if r.prompts == "local" and not r.path:
             raise UserError("method.rl.prompts=local needs method.rl.path=<prompts.jsonl> (one JSON object per line "
                             f"with {r.prompt_key!r} and {r.answer_key!r} fields)")
+    if cfg.init != "none":
+        init_method(cfg)            # the init method's own checks, on its config with init_cfg applied
     if cfg.data is not None:
         try:
             as_calib_config(cfg.data)
         except UserError as e:
             raise UserError(str(e).replace("calib.", "method.data.")) from None
+
+
+def init_method(cfg: "ReasoningQATConfig"):
+    """The PTQ init method, constructed on its config with `init_cfg` applied (and this method's include/exclude)."""
+    from harness.config import typed
+    cls = registry.get("method", cfg.init)
+    node = {**(cfg.init_cfg or {}), "name": cfg.init, "include": list(cfg.include), "exclude": list(cfg.exclude)}
+    try:
+        return cls(typed(cls.Config, node, "method.init_cfg"))
+    except UserError as e:
+        raise UserError(f"{e} (method.init={cfg.init}: its keys go in method.init_cfg)") from None
 
 
 def _get(cfg, dotted: str):
@@ -554,19 +570,18 @@ class ReasoningQAT:
         for name, lin in linears.items():
             ctx.spec.check_width(name, lin.in_features)
         codes = None
+        fp = ({n: lin.weight.detach().clone() for n, lin in linears.items()}
+              if cfg.latent == "projected" and cfg.init != "none" else None)
         if cfg.init != "none":
-            cls = registry.get("method", cfg.init)
-            from harness.config import typed
-            init_cfg = typed(cls.Config, {**cfg.init_cfg, "name": cfg.init, "include": list(cfg.include),
-                                          "exclude": list(cfg.exclude)}, f"method.init_cfg ({cfg.init})")
-            sub = dataclasses.replace(ctx, method_cfg=init_cfg,
+            ptq = init_method(cfg)
+            sub = dataclasses.replace(ctx, method_cfg=ptq.cfg,
                                       calib=(lambda: calib_ids) if calib_ids is not None else ctx.calib)
-            codes = cls(init_cfg).quantize(model, sub).layers
+            codes = ptq.quantize(model, sub).layers
             missing = [n for n in linears if n not in codes]
             if missing:
                 raise RuntimeError(f"init method {cfg.init!r} left {len(missing)} linears unquantized: {missing[:3]}")
             linears = quantizable_linears(model, cfg.include, cfg.exclude)   # same modules (quantized in place)
-        return fakequant.attach(model, linears, ctx.spec, codes, learn_scale=cfg.learn_scales)
+        return fakequant.attach(model, linears, ctx.spec, codes, learn_scale=cfg.learn_scales, fp_weights=fp)
 
     def examples(self, ids: torch.Tensor, tok) -> tuple[list, str]:
         from harness.quant.finetune_signal import pft_examples

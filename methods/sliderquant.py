@@ -17,7 +17,7 @@ window to the next and goes on training them (a fresh AdamW per window, as the a
 Intra-layer incremental quantization: the whole schedule runs once per stage; in stage 1 only the
 first ceil(gamma * in_features) input columns of each weight are fake-quantized (on the grid of the
 whole weight), in stage 2 all of them (gamma = 1: one stage). ``epochs`` is the total over stages,
-split evenly (the authors' code: epochs // quant_step).
+split evenly (the authors' code: epochs // quant_step; here rounded up, so epochs=1 still trains).
 
 Learnable parameters per linear (``_SliderLinear``):
   alpha  per input channel, init 1, shared by a scale group (q/k/v; o; gate/up; down — the AWQ groups):
@@ -287,7 +287,7 @@ class SliderQuant:
             print(f"sliderquant: {len(windows)} windows over {n} layers: {format_windows(windows)}")
         epochs = cfg.epochs if cfg.epochs is not None else (60 if spec.bits == 2 else 20)
         gammas = [cfg.gamma, 1.0] if cfg.gamma < 1 else [1.0]
-        per_stage = epochs // len(gammas)
+        per_stage = -(-epochs // len(gammas))        # total split over the stages, rounded up
         self._wrapped: dict[int, dict[str, _SliderLinear]] = {}
         self._scales: dict[int, nn.ParameterDict] = {}
         self._gen = torch.Generator().manual_seed(cfg.seed)
@@ -451,37 +451,44 @@ class SliderQuant:
     def _finalize(self, runner, spec: QuantSpec, result: QuantResult) -> None:
         for i, wrapped in sorted(self._wrapped.items()):
             layer = runner.layers[i]
-            prefix = f"{runner.layers_name}.{i}"
-            holder = self._scales[i]
-            modules = dict(layer.named_modules())
-            eff = {n: w.effective_weight() for n, w in wrapped.items()}
-            for gname, alpha in holder.items():          # 1/alpha into the op before the group
-                g = SCALE_GROUPS[gname]
-                prev = modules[g.prev]
-                a = alpha.detach().float()
-                if isinstance(prev, _SliderLinear):
-                    eff[g.prev] = eff[g.prev] / a[:, None].to(eff[g.prev].device)
-                    if prev.bias is not None:
-                        prev.bias.data.copy_((prev.bias.data.float() / a.to(prev.bias.device)).to(prev.bias.dtype))
-                else:
-                    fold_scale(prev, [], a)
-            for name, w in wrapped.items():
-                we = eff[name]
-                scale, zero = w.grid(we)
-                dtype = w.weight.dtype
-                q, deq = quantize_weight(we, spec, scale=scale.to(dtype).float(), zero=zero)
-                lin = nn.Linear(w.in_features, w.out_features, bias=w.bias is not None,
-                                device=w.weight.device, dtype=dtype)
-                lin.weight.data.copy_(deq.to(dtype))
-                if w.bias is not None:
-                    lin.bias.data.copy_(w.bias.data)
-                _set(layer, name, lin)
-                result.layers[f"{prefix}.{name}"] = QuantizedLinear(
-                    codes=q.codes.cpu(), scale=q.scale.cpu(), zero=q.zero.cpu(), bits=q.bits,
-                    group_size=q.group_size, sym=q.sym)
-            del layer.sliderquant_scales
+            home = next(layer.parameters()).device
+            layer.to(runner.device)             # fold and quantize on the accelerator, one layer at a time
+            self._finalize_layer(runner, i, layer, wrapped, spec, result)
+            layer.to(home)
         self._wrapped.clear()
         self._scales.clear()
+
+    def _finalize_layer(self, runner, i, layer, wrapped, spec, result) -> None:
+        """Fold 1/alpha into the preceding ops, quantize W * alpha + B A on the learned grid, swap in nn.Linear."""
+        prefix = f"{runner.layers_name}.{i}"
+        holder = self._scales[i]
+        modules = dict(layer.named_modules())
+        eff = {n: w.effective_weight() for n, w in wrapped.items()}
+        for gname, alpha in holder.items():          # 1/alpha into the op before the group
+            g = SCALE_GROUPS[gname]
+            prev = modules[g.prev]
+            a = alpha.detach().float()
+            if isinstance(prev, _SliderLinear):
+                eff[g.prev] = eff[g.prev] / a[:, None].to(eff[g.prev].device)
+                if prev.bias is not None:
+                    prev.bias.data.copy_((prev.bias.data.float() / a.to(prev.bias.device)).to(prev.bias.dtype))
+            else:
+                fold_scale(prev, [], a)
+        for name, w in wrapped.items():
+            we = eff[name]
+            scale, zero = w.grid(we)
+            dtype = w.weight.dtype
+            q, deq = quantize_weight(we, spec, scale=scale.to(dtype).float(), zero=zero)
+            lin = nn.Linear(w.in_features, w.out_features, bias=w.bias is not None,
+                            device=w.weight.device, dtype=dtype)
+            lin.weight.data.copy_(deq.to(dtype))
+            if w.bias is not None:
+                lin.bias.data.copy_(w.bias.data)
+            _set(layer, name, lin)
+            result.layers[f"{prefix}.{name}"] = QuantizedLinear(
+                codes=q.codes.cpu(), scale=q.scale.cpu(), zero=q.zero.cpu(), bits=q.bits,
+                group_size=q.group_size, sym=q.sym)
+        del layer.sliderquant_scales
 
 
 __all__ = ["SliderQuant", "SliderQuantConfig", "window_schedule", "parse_windows", "format_windows", "lwc_range"]

@@ -39,9 +39,11 @@ def _same_weights(a, b):
     return [k for k in sa if not torch.equal(sa[k], sb[k])]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("spec", [QuantSpec(4, 128, False), QuantSpec(4, 128, True), QuantSpec(3, 128, False),
-                                  QuantSpec(8, -1, True), QuantSpec(2, 32, False), QuantSpec(5, 64, True)])
+@pytest.mark.parametrize("spec,dtype", [
+    (QuantSpec(4, 128, False), torch.float32), (QuantSpec(4, 128, True), torch.bfloat16),
+    (QuantSpec(3, 128, False), torch.bfloat16), (QuantSpec(8, -1, True), torch.float32),
+    (QuantSpec(8, -1, False), torch.bfloat16), (QuantSpec(2, 32, False), torch.float32),
+    (QuantSpec(5, 64, True), torch.bfloat16)])
 def test_packed_round_trip_bit_identical_to_fake(tmp_path, tok, base, spec, dtype):
     model = copy.deepcopy(base).to(dtype)
     res = _rtn(model, spec)

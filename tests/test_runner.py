@@ -127,7 +127,7 @@ def test_forward_stop_before_records_inputs_without_computing(toy):
         (q,) = q.values()
         h = q.register_forward_hook(lambda *a: seen.__setitem__("out", seen["out"] + 1))
         with record_inputs({"q": q}, lambda n, x: seen.__setitem__("in", seen["in"] + 1)):
-            win.forward(stop_before=[q])
+            win.forward(stop_before=[q, q])          # duplicates count once
         h.remove()
         with pytest.raises(ValueError):
             win.forward(collect_outputs=True, stop_before=[q])

@@ -7,9 +7,10 @@ learns while the forward is exactly the quantized model. The per-group scale can
 (`learn_scale=True`, LSQ-style: its gradient flows through both w/s and (q - z)·s); the zero-point
 stays an integer buffer.
 
-Seeding from a PTQ result (`from_quantized`): the latent weight is set to the PTQ model's dequantized
-weight (codes - zero)·scale and the grid to its scale/zero, so round(w/s) + z gives back exactly the
-PTQ codes and step 0 of training *is* the PTQ model (same weights, same logits, bit for bit).
+Seeding from a PTQ result (`from_linear(..., q)`): the grid is the PTQ scale/zero and the latent weight
+one that rounds to exactly the PTQ codes (the PTQ weight itself, or the pre-PTQ weight projected into
+its code's rounding cell), so step 0 of training *is* the PTQ model (same weights, same logits, bit
+for bit).
 
 `attach(model, ...)` swaps the selected nn.Linear modules in place; `detach(model, ...)` swaps them
 back to plain nn.Linear modules holding the decoded weights and returns the `QuantResult` (codes,
@@ -27,6 +28,7 @@ from harness.quant.quantizer import QuantSpec, compute_qparams, fake_quantize_st
 from harness.types import QuantizedLinear, QuantResult
 
 SCALE_MIN = 1e-8
+CELL = 0.49       # half-width of a code's rounding cell used for projected latents (< 0.5: no ties)
 
 
 class FakeQuantLinear(nn.Module):
@@ -57,16 +59,32 @@ class FakeQuantLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, spec: QuantSpec, q: QuantizedLinear | None = None,
-                    learn_scale: bool = False) -> "FakeQuantLinear":
-        """From a linear and (optionally) its PTQ codes: latent = the PTQ weight, grid = the PTQ grid.
-        Without codes the grid is the shared quantizer's min/max grid of the linear's own weight (RTN)."""
+                    learn_scale: bool = False, fp_weight: torch.Tensor | None = None) -> "FakeQuantLinear":
+        """From a linear and (optionally) its PTQ codes and grid. Without codes the grid is the shared
+        quantizer's min/max grid of the linear's own weight (RTN) and the latent weight is that weight.
+
+        With codes, the latent weight must round back to exactly those codes. It is the PTQ weight
+        (codes - zero)·scale itself or, given the pre-PTQ weight `fp_weight`, that weight wherever it lies
+        inside its PTQ code's rounding cell [(q - z ∓ CELL)·s] (the PTQ kept the nearest code) and the
+        cell centre elsewhere. A latent at the centre needs half a step of updates before its code moves;
+        the fp weight keeps its distance to the boundary, so close calls can flip early, while codes the
+        PTQ deliberately moved (GPTQ's error compensation) start as far from flipping back as possible.
+        """
         if q is not None:
             if (q.bits, q.group_size, q.sym) != (spec.bits, spec.group_size, spec.sym):
                 raise ValueError(f"codes are w{q.bits}g{q.group_size} sym={q.sym}, spec is "
                                  f"w{spec.bits}g{spec.group_size} sym={spec.sym}")
             scale, zero = q.scale.float(), q.zero.float()
-            from harness.quant.quantizer import dequantize
-            weight = dequantize(q.codes.to(scale.device), scale, zero, spec.group_size)
+            from harness.quant.quantizer import _expand, dequantize
+            codes = q.codes.to(scale.device).float()
+            weight = dequantize(codes, scale, zero, spec.group_size)
+            if fp_weight is not None:
+                s = _expand(scale, codes, spec.group_size)
+                z = _expand(zero, codes, spec.group_size)
+                lo = torch.where(codes > 0, (codes - z - CELL) * s, torch.full_like(s, -torch.inf))
+                hi = torch.where(codes < spec.maxq, (codes - z + CELL) * s, torch.full_like(s, torch.inf))
+                fw = fp_weight.float().to(s.device)
+                weight = torch.where((fw >= lo) & (fw <= hi), fw, weight)
         else:
             scale, zero = compute_qparams(lin.weight.data, spec)
             weight = lin.weight.data.float()
@@ -116,12 +134,14 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def attach(model: nn.Module, linears: dict[str, nn.Linear], spec: QuantSpec,
-           codes: dict[str, QuantizedLinear] | None = None, learn_scale: bool = False) -> dict[str, FakeQuantLinear]:
-    """Replace each named linear by a FakeQuantLinear (seeded from `codes[name]` when given)."""
-    codes = codes or {}
+           codes: dict[str, QuantizedLinear] | None = None, learn_scale: bool = False,
+           fp_weights: dict[str, torch.Tensor] | None = None) -> dict[str, FakeQuantLinear]:
+    """Replace each named linear by a FakeQuantLinear (seeded from `codes[name]`, and the latent projected
+    from `fp_weights[name]`, when given; see FakeQuantLinear.from_linear)."""
+    codes, fp_weights = codes or {}, fp_weights or {}
     out = {}
     for name, lin in linears.items():
-        fq = FakeQuantLinear.from_linear(lin, spec, codes.get(name), learn_scale)
+        fq = FakeQuantLinear.from_linear(lin, spec, codes.get(name), learn_scale, fp_weights.get(name))
         _set_module(model, name, fq)
         out[name] = fq
     return out

@@ -176,7 +176,8 @@ class Window:
         A method that only needs the inputs of q/k/v pays for the input norm and nothing else.
         Returns the window outputs per batch (on the runner's storage device) if collect_outputs.
         """
-        after_mods, before_mods = list(stop_when or []), list(stop_before or [])
+        after_mods = list({id(m): m for m in stop_when or []}.values())
+        before_mods = list({id(m): m for m in stop_before or []}.values())
         if collect_outputs and (after_mods or before_mods):
             raise ValueError("a forward that collects outputs cannot stop early")
         seen_after: set[int] = set()
