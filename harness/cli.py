@@ -30,7 +30,7 @@ def print_summary(result: dict) -> None:
     print(df.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     if extra:
         print("  " + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items()))
-    secs = ", ".join(f"{k} {v:.1f}s" for k, v in result["seconds"].items())
+    secs = ", ".join(f"{k} {v:.1f}s" for k, v in result["seconds_this_invocation"].items())
     print(f"  time: {secs}; tokens generated: {result['tokens_generated']}; "
           f"peak RSS {result['memory']['peak_rss_mb']:.0f} MB")
 

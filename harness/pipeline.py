@@ -369,12 +369,25 @@ def _run(spec: RunSpec, cfg_dict: dict, run_tag: str = "") -> dict:
         "group_size": spec.spec.group_size if getattr(spec.method_cls, "quantizes", True) else None,
         "sym": spec.spec.sym, "task": spec.task_cls.name, "seed": spec.top.seed, "run_tag": run_tag,
         "export": spec.top.export, "sampling": dataclasses.asdict(spec.sampling),
-        "metrics": metrics, "seconds": {k: round(v, 3) for k, v in timer.seconds.items()},
+        "metrics": metrics, "seconds": _cumulative_seconds(out_dir / "metrics.json", timer.seconds),
+        "seconds_this_invocation": {k: round(v, 3) for k, v in timer.seconds.items()},
         "tokens_generated": n_tokens, "memory": peak_memory(), "checkpoint": ckpt,
         "rqbench_version": __version__,
     }
     write_json_atomic(out_dir / "metrics.json", result)
     return result
+
+
+def _cumulative_seconds(previous_metrics: Path, now: dict[str, float]) -> dict[str, float]:
+    """Stage times summed over every invocation of this run (a resumed or requeued run's cost is all of it)."""
+    total = dict(now)
+    if previous_metrics.exists():
+        try:
+            for k, v in json.loads(previous_metrics.read_text()).get("seconds", {}).items():
+                total[k] = total.get(k, 0.0) + float(v)
+        except (json.JSONDecodeError, OSError, ValueError, AttributeError):
+            pass
+    return {k: round(v, 3) for k, v in total.items()}
 
 
 def _guard_run_dir(out_dir: Path, eval_key: dict) -> None:

@@ -26,6 +26,11 @@ def test_run_writes_config_samples_metrics(rq, tmp_path):
     assert m["acc"] == pytest.approx(sum(x["correct"] for x in recs) / 24)
     assert set(r["seconds"]) >= {"load", "generate", "score"} and r["tokens_generated"] > 0
     assert r["memory"]["peak_rss_mb"] > 0
+    # A rerun generates nothing, and the recorded cost stays the whole run's, not the last invocation's.
+    again = rq("method=rtn", "task.limit=24", f"results_dir={tmp_path}")
+    assert "generate" not in again["seconds_this_invocation"]
+    assert again["seconds"]["generate"] == pytest.approx(r["seconds"]["generate"])
+    assert again["metrics"] == r["metrics"]
 
 
 def test_same_seed_gives_identical_samples(rq, tmp_path):
