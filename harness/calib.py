@@ -105,8 +105,9 @@ def calibration_ids(calib_cfg, tokenizer, *, cache_dir=None, generate: Optional[
                     model_key: Optional[str] = None) -> torch.Tensor:
     """LongTensor [n_samples, seq_len] of token ids, deterministic in calib.seed.
 
-    generate(prompts: list[str], max_new_tokens: int) -> list[str]: completions of the full-precision
-    model (greedy), needed by `reasoning` only. model_key identifies that model in the trace cache
+    generate(prompts: list[str][, max_new_tokens=calib.max_new_tokens]) -> list[str]: completions of the
+    full-precision model (greedy), needed by `reasoning` only; max_new_tokens is passed when the callable
+    accepts it. model_key identifies that model in the trace cache
     (default: the tokenizer's name_or_path).
     """
     cfg = as_calib_config(calib_cfg)
@@ -291,6 +292,17 @@ class TraceCache:
             os.fsync(f.fileno())
 
 
+def _call_generate(generate: Callable, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """generate(prompts, max_new_tokens=...) when it takes that keyword, else generate(prompts)."""
+    import inspect
+    try:
+        params = inspect.signature(generate).parameters
+    except (TypeError, ValueError):
+        params = {}
+    takes = "max_new_tokens" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return list(generate(prompts, max_new_tokens=max_new_tokens) if takes else generate(prompts))
+
+
 def _reasoning(cfg, tokenizer, cache_dir, generate, model_key, rng) -> torch.Tensor:
     n, t = cfg.n_samples, cfg.seq_len
     need = n * t
@@ -322,7 +334,7 @@ def _reasoning(cfg, tokenizer, cache_dir, generate, model_key, rng) -> torch.Ten
             if generate is None:
                 raise UserError("calib=reasoning generates traces with the model being quantized, but no generator "
                                 "was given (and the trace cache does not hold them)")
-            outs = generate(missing, max_new_tokens=cfg.max_new_tokens)
+            outs = _call_generate(generate, missing, cfg.max_new_tokens)
             if len(outs) != len(missing):
                 raise RuntimeError(f"generate returned {len(outs)} completions for {len(missing)} prompts")
             cache.add(list(zip(missing, outs)))

@@ -152,6 +152,10 @@ def validate(cfg: DictConfig) -> RunSpec:
         raise UserError(f"model.dtype={model.dtype!r} is not allowed; allowed: {', '.join(DTYPES)}")
     method_cls, method_cfg = _plugin("method", cfg.get("method"))
     task_cls, task_cfg = _plugin("task", cfg.get("task"))
+    # Plugins check their own values when built; building them here (cheap: no model, no data)
+    # makes those checks fail before anything is loaded.
+    method_cls(method_cfg)
+    task_cls(task_cfg)
     backend_node = cfg.get("backend")
     if backend_node is None or "name" not in backend_node:
         raise UserError("backend is not set; choose one with backend=<name>")

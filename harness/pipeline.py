@@ -104,8 +104,13 @@ def pick_device(name: str) -> torch.device:
 # ------------------------------------------------------------------ naming and keys
 
 def method_code_version(cls) -> str:
-    """Hash of the method's module source: editing the algorithm invalidates its cached checkpoints."""
-    return hashlib.sha256(inspect.getsource(sys.modules[cls.__module__]).encode()).hexdigest()[:12]
+    """Hash of the method's module and of the shared quantization core (harness/quant/) it builds on:
+    editing either invalidates the cached checkpoints it made."""
+    import harness.quant
+    h = hashlib.sha256(inspect.getsource(sys.modules[cls.__module__]).encode())
+    for f in sorted(Path(harness.quant.__file__).parent.glob("*.py")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def quant_label(spec: RunSpec) -> str:

@@ -409,6 +409,10 @@ class SliderQuant:
                   for k, ps in params.items() if ps and lrs[k] > 0]
         steps = epochs * n_batches
         if groups and steps:
+            frozen = [p for layer in win.layers for p in layer.parameters()
+                      if p.requires_grad and id(p) not in learnable]        # norms: no gradients wanted
+            for p in frozen:
+                p.requires_grad_(False)
             for g in groups:
                 for p in g["params"]:
                     p.requires_grad_(True)
@@ -430,6 +434,8 @@ class SliderQuant:
                 for p in g["params"]:
                     p.requires_grad_(False)
                     p.grad = None
+            for p in frozen:
+                p.requires_grad_(True)
             del opt
         final = window_loss()
         result.info["loss"].append({"stage": stage, "window": f"{win.start}-{win.stop - 1}",
@@ -449,14 +455,13 @@ class SliderQuant:
 
     @torch.no_grad()
     def _finalize(self, runner, spec: QuantSpec, result: QuantResult) -> None:
-        for i, wrapped in sorted(self._wrapped.items()):
+        for i in sorted(self._wrapped):
             layer = runner.layers[i]
             home = next(layer.parameters()).device
             layer.to(runner.device)             # fold and quantize on the accelerator, one layer at a time
-            self._finalize_layer(runner, i, layer, wrapped, spec, result)
+            self._finalize_layer(runner, i, layer, self._wrapped.pop(i), spec, result)
+            self._scales.pop(i)
             layer.to(home)
-        self._wrapped.clear()
-        self._scales.clear()
 
     def _finalize_layer(self, runner, i, layer, wrapped, spec, result) -> None:
         """Fold 1/alpha into the preceding ops, quantize W * alpha + B A on the learned grid, swap in nn.Linear."""
@@ -479,11 +484,15 @@ class SliderQuant:
             scale, zero = w.grid(we)
             dtype = w.weight.dtype
             q, deq = quantize_weight(we, spec, scale=scale.to(dtype).float(), zero=zero)
-            lin = nn.Linear(w.in_features, w.out_features, bias=w.bias is not None,
-                            device=w.weight.device, dtype=dtype)
-            lin.weight.data.copy_(deq.to(dtype))
+            del we, eff[name]
+            # The plain Linear takes over the original parameters (no second copy of the weights).
+            lin = nn.Linear(w.in_features, w.out_features, bias=w.bias is not None, device="meta")
+            w.weight.data.copy_(deq.to(dtype))
+            lin.weight = w.weight
+            lin.weight.requires_grad_(True)
             if w.bias is not None:
-                lin.bias.data.copy_(w.bias.data)
+                lin.bias = w.bias
+                lin.bias.requires_grad_(True)
             _set(layer, name, lin)
             result.layers[f"{prefix}.{name}"] = QuantizedLinear(
                 codes=q.codes.cpu(), scale=q.scale.cpu(), zero=q.zero.cpu(), bits=q.bits,

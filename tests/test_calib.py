@@ -67,7 +67,7 @@ def test_reasoning_from_local_prompts_and_torn_cache_line(tmp_path, tok):
     prompts.write_text("".join(json.dumps({"question": f"What is {i} + {i}?"}) + "\n" for i in range(30)))
     cfg = {"name": "reasoning", "prompts": "local", "path": str(prompts), "prompt_key": "question",
            "n_samples": 2, "seq_len": 64, "n_prompts": 10}
-    ids = calibration_ids(cfg, tok, cache_dir=tmp_path, generate=lambda ps, max_new_tokens: ["ok " * 5] * len(ps))
+    ids = calibration_ids(cfg, tok, cache_dir=tmp_path, generate=lambda ps: ["ok " * 5] * len(ps))   # plain callable
     assert ids.shape == (2, 64)
     trace_file = next((tmp_path / "calib" / "traces").glob("*.jsonl"))
     assert len(trace_file.read_text().splitlines()) == 10

@@ -2,6 +2,9 @@
 
 Every cell is a normal rqbench run (Hydra config composed in-process, `harness.cli.execute`): the toy
 reasoning model quantized at each spec, greedy-decoded on the arith task's held-out problems, scored.
+The (toy-base, toy) pair is first copied to `<results-dir>/frozen/` under its weights digest and every
+run reads that copy (`model.path`, `model.base`, `model.name=toy-<digest>`): a toy retrained while the
+benchmark runs cannot mix two models into one table.
 Toy decoding is greedy, so the seeds are *calibration* seeds (`calib.seed`, which also names the
 run directory through `seed`); RTN uses no calibration and runs once per spec. Checkpoints and
 samples are cached like any run, so an interrupted benchmark resumes where it stopped.
@@ -48,10 +51,32 @@ def compose(overrides: list[str]):
         return hydra_compose("config", overrides=overrides)
 
 
-def run_one(variant: str, spec: str | None, seed: int, a) -> dict:
+def freeze_toys(root: Path) -> dict:
+    """Copies of the toy pair named by their weights digest: {"name", "toy", "base", "digest", "base_digest"}."""
+    import shutil
+    from harness.toy.build import ensure_toy, weights_digest
+    out = {}
+    for key, name in (("toy", "toy"), ("base", "toy-base")):
+        src = ensure_toy(name)
+        digest = weights_digest(src)
+        dst = root / f"{name}-{digest[:12]}"
+        if not dst.is_dir():
+            tmp = root / f".{dst.name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src, tmp)
+            if weights_digest(tmp) != digest:
+                raise SystemExit(f"{src} changed while it was being copied; run the benchmark again")
+            tmp.rename(dst)
+        out[key], out["digest" if key == "toy" else "base_digest"] = str(dst.resolve()), digest
+    out["name"] = f"toy-{out['digest'][:8]}"
+    return out
+
+
+def run_one(variant: str, spec: str | None, seed: int, a, toys: dict) -> dict:
     from harness.cli import execute
     method, extra = VARIANTS[variant] if variant != "fp" else ("fp", [])
-    over = [f"method={method}", "model=toy", "task=arith", "calib=toy", "backend=hf", "device=cpu",
+    over = [f"method={method}", "model=toy", f"model.name={toys['name']}", f"model.path={toys['toy']}",
+            f"model.base={toys['base']}", "task=arith", "calib=toy", "backend=hf", "device=cpu",
             f"results_dir={a.results_dir}", f"seed={seed}", f"calib.seed={seed}", "progress=false", *extra]
     if a.limit:
         over.append(f"task.limit={a.limit}")
@@ -106,15 +131,20 @@ def main(argv=None) -> int:
             raise SystemExit(f"unknown spec {name!r}; allowed: {', '.join(SPECS)}")
     jobs = [("fp", None, 0)] + [(v, s, seed) for s in specs for v in variants
                                 for seed in (seeds[:1] if v == "rtn" else seeds)]
+    toys = freeze_toys(Path(a.results_dir) / "frozen")
+    print(f"[bench] toy {toys['digest'][:12]} (base {toys['base_digest'][:12]}), frozen at {toys['toy']}",
+          file=sys.stderr, flush=True)
     rows = []
     for i, (v, s, seed) in enumerate(jobs, 1):
         print(f"[bench] {i}/{len(jobs)} {v} {s or ''} calib seed {seed} ...", file=sys.stderr, flush=True)
-        row = run_one(v, s, seed, a)
+        row = run_one(v, s, seed, a, toys)
         rows.append(row)
         print(f"[bench]   acc {row['acc']:.4f} (quantize {row['quantize_s'] or 0:.1f}s, "
               f"{'cached' if row['cached'] else 'built'}, wall {row['wall_s']}s)", file=sys.stderr, flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"setup": vars(a), "rows": rows}, indent=1) + "\n")
+    Path(a.out).write_text(json.dumps({"setup": vars(a), "toys": toys, "rows": rows}, indent=1) + "\n")
+    print(f"toy weights {toys['digest'][:12]}, toy-base {toys['base_digest'][:12]}; "
+          f"{a.limit or 'all'} arith problems; seeds = calib.seed")
     print(format_table(rows, specs, variants))
     print(f"\n[bench] wrote {a.out}", file=sys.stderr)
     return 0
