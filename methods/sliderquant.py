@@ -440,7 +440,7 @@ class SliderQuant:
         final = window_loss()
         result.info["loss"].append({"stage": stage, "window": f"{win.start}-{win.stop - 1}",
                                     "init": init, "final": final})
-        del targets
+        targets.clear()
         for layer, dt in zip(win.layers, dtypes):
             _cast_layer(layer, dt, learnable)
 
