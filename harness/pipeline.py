@@ -104,10 +104,13 @@ def pick_device(name: str) -> torch.device:
 # ------------------------------------------------------------------ naming and keys
 
 def method_code_version(cls) -> str:
-    """Hash of the method's module and of the shared quantization core (harness/quant/) it builds on:
+    """Hash of the method's modules and of the shared quantization core (harness/quant/) it builds on:
     editing either invalidates the cached checkpoints it made."""
     import harness.quant
-    h = hashlib.sha256(inspect.getsource(sys.modules[cls.__module__]).encode())
+    h = hashlib.sha256()
+    modules = dict.fromkeys(k.__module__ for k in cls.__mro__ if k.__module__.split(".")[0] in ("methods", "harness"))
+    for mod in modules:         # a subclass (QuantLRM) also depends on its parent's module (AWQ)
+        h.update(inspect.getsource(sys.modules[mod]).encode())
     for f in sorted(Path(harness.quant.__file__).parent.glob("*.py")):
         h.update(f.read_bytes())
     return h.hexdigest()[:12]
