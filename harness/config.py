@@ -156,6 +156,9 @@ def validate(cfg: DictConfig) -> RunSpec:
     # makes those checks fail before anything is loaded.
     method_cls(method_cfg)
     task_cls(task_cfg)
+    if getattr(method_cls, "uses_calibration", False):
+        from harness.calib import as_calib_config
+        as_calib_config(cfg.get("calib"))
     backend_node = cfg.get("backend")
     if backend_node is None or "name" not in backend_node:
         raise UserError("backend is not set; choose one with backend=<name>")

@@ -238,7 +238,10 @@ def _calibration(spec: RunSpec, tok, model, device):
         return [o[0].text for o in outs]
 
     cache = Path(spec.top.cache_dir).expanduser()
-    return lambda: calibration_ids(spec.calib, tok, cache_dir=cache, generate=generate)
+    source = model_source(spec)
+    # Traces depend on the model's weights, not just its path (the toy can be retrained in place).
+    model_key = f"{source}@{spec.model.revision}:{model_fingerprint(source)}:{spec.model.dtype}"
+    return lambda: calibration_ids(spec.calib, tok, cache_dir=cache, generate=generate, model_key=model_key)
 
 
 def make_backend(spec: RunSpec, model, tok, device, ckpt_path: str):

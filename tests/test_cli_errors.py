@@ -38,6 +38,9 @@ def run_in_process(*overrides) -> str:
     (["sampling.top_p=1.5"], ["sampling.top_p=1.5", "(0, 1]"]),
     (["export=gguf"], ["export='gguf'", "fake, packed"]),
     (["device=cuda"], ["device='cuda'", "CUDA is not available"]),
+    (["method=gptq", "+calib.n_sampels=8"], ["calib.n_sampels", "allowed keys of calib"]),
+    (["method=gptq", "calib.n_samples=0"], ["calib.n_samples=0", ">= 1"]),
+    (["method=gptq", "method.damp=-1"], ["method.damp"]),
 ])
 def test_bad_input_is_a_clear_error(tmp_path, args, expect):
     err = run_in_process(*args, f"results_dir={tmp_path}")
