@@ -21,7 +21,7 @@ from harness.metrics import compute_metrics
 from harness.quant.context import QuantContext
 from harness.quant.select import quantizable_linears
 from harness.seeding import sample_seed
-from harness.store import SampleStore, cached_dir, run_lock, stable_hash, write_json_atomic
+from harness.store import SampleStore, cached_dir, files_fingerprint, run_lock, stable_hash, write_json_atomic
 from harness.types import UserError
 
 
@@ -124,24 +124,11 @@ def quant_label(spec: RunSpec) -> str:
 
 
 def model_fingerprint(source: str) -> str | None:
-    """Content fingerprint of a local checkpoint dir (a retrained model must not hit a stale cache).
-
-    Hashes config.json and, per weight file, its size plus its first and last MiB: cheap for a 70B
-    model, and any real retraining changes those bytes.
-    """
+    """Content fingerprint of a local checkpoint dir (a retrained model must not hit a stale cache)."""
     root = Path(source)
     if not root.is_dir():
         return None                      # a hub id: the revision identifies it
-    h = hashlib.sha256()
-    for f in sorted(p for p in root.iterdir() if p.name == "config.json" or p.suffix in (".safetensors", ".bin")):
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with f.open("rb") as fh:
-            h.update(fh.read(1 << 20))
-            if size > 2 << 20:
-                fh.seek(-(1 << 20), 2)
-                h.update(fh.read())
-    return h.hexdigest()[:16]
+    return files_fingerprint(p for p in root.iterdir() if p.name == "config.json" or p.suffix in (".safetensors", ".bin"))
 
 
 def checkpoint_key(spec: RunSpec, source: str) -> dict:

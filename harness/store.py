@@ -18,6 +18,25 @@ def stable_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def files_fingerprint(paths) -> str:
+    """Content fingerprint of weight/config files: per file its name, size, first and last MiB.
+
+    Cheap for a 70B checkpoint, and any real retraining changes those bytes.
+    """
+    h = hashlib.sha256()
+    for f in sorted(Path(p) for p in paths):
+        if not f.is_file():
+            continue
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with f.open("rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), 2)
+                h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
 def write_json_atomic(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

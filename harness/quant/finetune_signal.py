@@ -93,19 +93,9 @@ class CheckpointWeights:
         return self._handles[f].get_tensor(name)
 
     def fingerprint(self) -> str:
-        """config.json and, per weight file, its size plus first and last MiB (as the checkpoint cache does)."""
-        h = hashlib.sha256()
-        for f in sorted({*self.files.values(), self.root / "config.json"}):
-            if not f.is_file():
-                continue
-            size = f.stat().st_size
-            h.update(f"{f.name}:{size}".encode())
-            with f.open("rb") as fh:
-                h.update(fh.read(1 << 20))
-                if size > 2 << 20:
-                    fh.seek(-(1 << 20), 2)
-                    h.update(fh.read())
-        return h.hexdigest()[:16]
+        """config.json and the weight files, fingerprinted as the checkpoint cache does."""
+        from harness.store import files_fingerprint
+        return files_fingerprint({*self.files.values(), self.root / "config.json"})
 
 
 def resolve_checkpoint(name: str, revision: Optional[str] = None) -> Path:
