@@ -56,11 +56,22 @@ class BaseTask:
         return [{"role": "user", "content": text}]
 
     def score(self, ex: Example, completion: str, finish_reason: str = "stop") -> Score:
-        raise NotImplementedError
+        from harness.scoring import score_completion
+        return score_completion(completion, finish_reason, lambda text: self.grade(ex, text))
 
     # --- for subclasses ----------------------------------------------------------------
     def load(self) -> list[Example]:
         raise NotImplementedError
+
+    def grade(self, ex: Example, answer_text: str) -> Score:
+        """Judge a final-answer text (reasoning already stripped)."""
+        raise NotImplementedError
+
+    def records(self, hub_id: str, hub_config: str | None, split: str) -> tuple[list[dict], str]:
+        """(rows, where they came from): task.data_files when given, else the hub dataset."""
+        if self.cfg.data_files:
+            return read_local_records(self.cfg.data_files), "task.data_files"
+        return load_hub_records(hub_id, hub_config, split, self.cfg.revision, self.name), hub_id
 
     def prompt_text(self, ex: Example) -> str:
         raise NotImplementedError

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from harness.registry import register_task
-from harness.scoring import grade_math, score_completion
+from harness.scoring import grade_math
 from harness.tasks_base import BaseTask, TaskConfig, load_hub_records, read_local_records
 from harness.types import Example, Score, UserError
 from tasks.math500 import MATH_INSTRUCTION
@@ -98,6 +98,3 @@ class Aime120Task(BaseTask):
     def grade(self, ex: Example, answer_text: str) -> Score:
         """Judge a final-answer text (reasoning already stripped)."""
         return grade_math(answer_text, ex.gold)
-
-    def score(self, ex: Example, completion: str, finish_reason: str = "stop") -> Score:
-        return score_completion(completion, finish_reason, lambda text: self.grade(ex, text))

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness.registry import register_task
-from harness.scoring import grade_choice, score_completion
-from harness.tasks_base import BaseTask, TaskConfig, load_hub_records, read_local_records
+from harness.scoring import grade_choice
+from harness.tasks_base import BaseTask, TaskConfig
 from harness.types import Example, Score, UserError
 
 HUB_ID, HUB_SPLIT = "yale-nlp/FOLIO", "validation"
@@ -40,10 +40,7 @@ class FolioTask(BaseTask):
     breakdown_keys = ("label",)
 
     def load(self) -> list[Example]:
-        cfg = self.cfg
-        rows = (read_local_records(cfg.data_files) if cfg.data_files
-                else load_hub_records(HUB_ID, None, HUB_SPLIT, cfg.revision, self.name))
-        source = "task.data_files" if cfg.data_files else HUB_ID
+        rows, source = self.records(HUB_ID, None, HUB_SPLIT)
         out = []
         for i, r in enumerate(rows):
             where = f"{source} record {i}"
@@ -70,6 +67,3 @@ class FolioTask(BaseTask):
     def grade(self, ex: Example, answer_text: str) -> Score:
         """Judge a final-answer text (reasoning already stripped)."""
         return grade_choice(answer_text, ex.gold, LABELS, ignore_case=True)
-
-    def score(self, ex: Example, completion: str, finish_reason: str = "stop") -> Score:
-        return score_completion(completion, finish_reason, lambda text: self.grade(ex, text))

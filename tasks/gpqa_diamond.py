@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass
 
 from harness.registry import register_task
-from harness.scoring import grade_choice, score_completion
+from harness.scoring import grade_choice
 from harness.tasks_base import BaseTask, TaskConfig, load_hub_records, read_local_records
 from harness.types import Example, Score, UserError
 
@@ -92,6 +92,3 @@ class GpqaDiamondTask(BaseTask):
     def grade(self, ex: Example, answer_text: str) -> Score:
         """Judge a final-answer text (reasoning already stripped)."""
         return grade_choice(answer_text, ex.gold, LETTERS)
-
-    def score(self, ex: Example, completion: str, finish_reason: str = "stop") -> Score:
-        return score_completion(completion, finish_reason, lambda text: self.grade(ex, text))

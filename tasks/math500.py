@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness.registry import register_task
-from harness.scoring import grade_math, score_completion
-from harness.tasks_base import BaseTask, TaskConfig, load_hub_records, read_local_records
+from harness.scoring import grade_math
+from harness.tasks_base import BaseTask, TaskConfig
 from harness.types import Example, Score, UserError
 
 HUB_ID, HUB_SPLIT = "HuggingFaceH4/MATH-500", "test"
@@ -33,10 +33,7 @@ class Math500Task(BaseTask):
     breakdown_keys = ("subject", "level")
 
     def load(self) -> list[Example]:
-        cfg = self.cfg
-        rows = (read_local_records(cfg.data_files) if cfg.data_files
-                else load_hub_records(HUB_ID, None, HUB_SPLIT, cfg.revision, self.name))
-        source = "task.data_files" if cfg.data_files else HUB_ID
+        rows, source = self.records(HUB_ID, None, HUB_SPLIT)
         out = []
         for i, r in enumerate(rows):
             missing = [k for k in FIELDS if k not in r]
@@ -53,6 +50,3 @@ class Math500Task(BaseTask):
     def grade(self, ex: Example, answer_text: str) -> Score:
         """Judge a final-answer text (reasoning already stripped)."""
         return grade_math(answer_text, ex.gold)
-
-    def score(self, ex: Example, completion: str, finish_reason: str = "stop") -> Score:
-        return score_completion(completion, finish_reason, lambda text: self.grade(ex, text))

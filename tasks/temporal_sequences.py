@@ -10,8 +10,8 @@ import re
 from dataclasses import dataclass
 
 from harness.registry import register_task
-from harness.scoring import cut_at_next_question, grade_choice, score_completion
-from harness.tasks_base import BaseTask, TaskConfig, load_hub_records, read_local_records
+from harness.scoring import cut_at_next_question, grade_choice
+from harness.tasks_base import BaseTask, TaskConfig
 from harness.types import Example, Score, UserError
 
 HUB_ID, HUB_CONFIG, HUB_SPLIT = "lukaemon/bbh", "temporal_sequences", "test"
@@ -83,10 +83,7 @@ class TemporalSequencesTask(BaseTask):
             raise UserError(f"task.fewshot={cfg.fewshot!r} is not allowed; allowed: 0..{len(EXEMPLARS)}")
 
     def load(self) -> list[Example]:
-        cfg = self.cfg
-        rows = (read_local_records(cfg.data_files) if cfg.data_files
-                else load_hub_records(HUB_ID, HUB_CONFIG, HUB_SPLIT, cfg.revision, self.name))
-        source = "task.data_files" if cfg.data_files else HUB_ID
+        rows, source = self.records(HUB_ID, HUB_CONFIG, HUB_SPLIT)
         out = []
         for i, r in enumerate(rows):
             where = f"{source} record {i}"
@@ -113,6 +110,3 @@ class TemporalSequencesTask(BaseTask):
         s = grade_choice(cut_at_next_question(answer_text), ex.gold.strip("()"), ex.meta["options"])
         s.parsed = f"({s.parsed})" if s.parsed else None
         return s
-
-    def score(self, ex: Example, completion: str, finish_reason: str = "stop") -> Score:
-        return score_completion(completion, finish_reason, lambda text: self.grade(ex, text))

@@ -95,7 +95,7 @@ def test_math500_missing_field_names_it(tmp_path):
 
 
 def test_hub_path_passes_dataset_split_and_revision(monkeypatch):
-    import tasks.math500 as mod
+    import harness.tasks_base as mod
     calls = []
     rows = [json.loads(line) for line in (FIX / "math500.jsonl").open()]
     monkeypatch.setattr(mod, "load_hub_records", lambda *a: calls.append(a) or rows)
