@@ -35,7 +35,7 @@ def choose(device) -> tuple[str, str]:
     if device.type != "cuda":
         return "hf", f"device is {device.type}"
     if not vllm_available():
-        return "hf", f"vllm is not installed (pip install -e \".[vllm]\")"
+        return "hf", "vllm is not installed (pip install -e \".[vllm]\")"
     return "vllm", "CUDA and vllm are available"
 
 
