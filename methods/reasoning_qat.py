@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from harness.quant.finetune_signal import collate
 from harness import registry
 from harness.calib import CalibConfig, as_calib_config, calibration_ids
 from harness.quant import fakequant
@@ -267,19 +268,6 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(s, y)
 
 
-def _collate(batch, pad_id: int, device, seq_len: Optional[int] = None):
-    """Right-padded ids, attention mask and labels (-100 on padding)."""
-    if seq_len:
-        batch = [(x[:seq_len], y[:seq_len]) for x, y in batch]
-    width = max(x.numel() for x, _ in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, (x, y) in enumerate(batch):
-        ids[i, :x.numel()], labels[i, :y.numel()], mask[i, :x.numel()] = x, y, 1
-    return ids.to(device), mask.to(device), labels.to(device)
-
-
 def _lr_lambda(warmup: int, steps: int) -> Callable[[int], float]:
     def f(step: int) -> float:
         if step < warmup:
@@ -336,7 +324,7 @@ def train_qat(model, teacher, examples, cfg: ReasoningQATConfig, *, pad_id: int,
                 rows = order[step * rows_per_step:(step + 1) * rows_per_step]
                 for a in range(cfg.grad_accum):
                     micro = [examples[i] for i in rows[a * cfg.batch_size:(a + 1) * cfg.batch_size]]
-                    ids, mask, labels = _collate(micro, pad_id, device, cfg.seq_len)
+                    ids, mask, labels = collate(micro, pad_id, device, cfg.seq_len)
                     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
                     if cfg.objective == "kd":
                         with torch.no_grad():

@@ -12,7 +12,7 @@ from harness.quant import fakequant
 from harness.quant.context import QuantContext
 from harness.quant.quantizer import QuantSpec
 from harness.types import UserError
-from methods.reasoning_qat import (ReasoningQAT, ReasoningQATConfig, RLConfig, StateFile, TrainingStopped, _collate,
+from methods.reasoning_qat import (ReasoningQAT, ReasoningQATConfig, RLConfig, StateFile, TrainingStopped, collate,
                                    group_advantages, grpo_loss, kd_loss, train_qat)
 
 
@@ -77,7 +77,7 @@ def test_kd_training_lowers_the_kd_loss():
     cfg = ReasoningQATConfig(name="reasoning_qat", steps=20, lr=1e-4, warmup=2, batch_size=4)
     model = _init(cfg, spec)
     examples, _ = ReasoningQAT(cfg).examples(ids, tok)
-    x, mask, y = _collate(examples, 0, "cpu")
+    x, mask, y = collate(examples, 0, "cpu")
 
     def kd():
         with torch.no_grad():

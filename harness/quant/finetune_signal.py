@@ -661,8 +661,10 @@ def pseudo_finetuned(model: nn.Module, examples: list[tuple[torch.Tensor, torch.
         model.train(was_training)
 
 
-def _collate(batch: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int, device):
-    """Right-padded ids, attention mask and labels (-100 on padding)."""
+def collate(batch: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int, device, seq_len: Optional[int] = None):
+    """Right-padded ids, attention mask and labels (-100 on padding), rows cut to seq_len if given."""
+    if seq_len:
+        batch = [(x[:seq_len], y[:seq_len]) for x, y in batch]
     width = max(x.numel() for x, _ in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), -100, dtype=torch.long)
@@ -698,7 +700,7 @@ def _train(model, params: list[nn.Parameter], examples, cfg: PFTConfig, pad_id: 
             while len(order) < cfg.batch_size:          # epochs of seeded permutations
                 order += torch.randperm(len(examples), generator=gen).tolist()
             rows, order = order[:cfg.batch_size], order[cfg.batch_size:]
-            ids, mask, labels = _collate([examples[i] for i in rows], pad_id, device)
+            ids, mask, labels = collate([examples[i] for i in rows], pad_id, device)
             loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
             if not torch.isfinite(loss):
                 raise RuntimeError("quantlrm pseudo fine-tune: the loss is not finite (lower method.pft.lr?)")
