@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 
-from harness.types import UserError
+from harness.types import check_values, UserError
 
 SOURCES = ("pileval", "wikitext2", "c4", "reasoning", "local", "toy")
 PROMPT_SOURCES = ("hub", "local", "toy")
@@ -89,9 +89,7 @@ def as_calib_config(node: Any) -> CalibConfig:
               ("prompts", cfg.prompts in PROMPT_SOURCES, ", ".join(PROMPT_SOURCES)),
               ("max_new_tokens", cfg.max_new_tokens >= 1, "an integer >= 1"),
               ("n_prompts", cfg.n_prompts is None or cfg.n_prompts >= 1, "null or an integer >= 1")]
-    for key, ok, allowed in checks:
-        if not ok:
-            raise UserError(f"calib.{key}={getattr(cfg, key)!r} is not allowed; allowed: {allowed}")
+    check_values("calib", cfg, checks)
     if cfg.name == "local" and not cfg.path:
         raise UserError("calib=local needs calib.path=<file.jsonl> (one JSON object per line with a "
                         f"{cfg.text_key!r} field)")

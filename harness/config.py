@@ -14,7 +14,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from harness import registry
 from harness.quant.quantizer import QuantSpec
-from harness.types import Sampling, UserError
+from harness.types import check_values, Sampling, UserError
 
 EXPORTS = ("fake", "packed")
 WANDB_MODES = ("disabled", "offline", "online")
@@ -128,9 +128,7 @@ def resolve_sampling(task_default, over: SamplingOverrides, model: ModelConfig, 
     checks = [("n", s.n >= 1, "an integer >= 1"), ("temperature", s.temperature >= 0, ">= 0 (0 = greedy)"),
               ("top_p", 0 < s.top_p <= 1, "(0, 1]"), ("top_k", s.top_k >= 0, ">= 0 (0 = off)"),
               ("max_new_tokens", s.max_new_tokens >= 1, "an integer >= 1")]
-    for key, ok, allowed in checks:
-        if not ok:
-            raise UserError(f"sampling.{key}={getattr(s, key)!r} is not allowed; allowed: {allowed}")
+    check_values("sampling", s, checks)
     return s
 
 

@@ -374,6 +374,14 @@ def _grid(n: int, width: float = 4.2, height: float = 3.2):
     return plt, fig, list(axes.flat)
 
 
+def _save_figure(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_acc_vs_bits(cell_df: pd.DataFrame, out: Path, metric: str) -> Path | None:
     panels = list(dict.fromkeys(zip(cell_df["model"], cell_df["task"])))
     if not panels:
@@ -403,11 +411,7 @@ def plot_acc_vs_bits(cell_df: pd.DataFrame, out: Path, metric: str) -> Path | No
         ax.set_title(f"{short(model)} · {task}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    path = out / "acc_vs_bits.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, out / "acc_vs_bits.png")
 
 
 def short(model: str) -> str:
@@ -440,11 +444,7 @@ def plot_lengths(samples: pd.DataFrame, out: Path) -> Path | None:
         ax.set_xlabel("response length (tokens)")
         ax.set_title(f"{short(model)} · {task}", fontsize=10)
         ax.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
-    path = out / "response_lengths.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, out / "response_lengths.png")
 
 
 def plot_truncation(cell_df: pd.DataFrame, out: Path) -> Path | None:
@@ -475,11 +475,7 @@ def plot_truncation(cell_df: pd.DataFrame, out: Path) -> Path | None:
         ax.set_title(f"{short(model)}: truncation rate", fontsize=10)
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "truncation.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, out / "truncation.png")
 
 
 # ------------------------------------------------------------------ the report

@@ -85,3 +85,10 @@ class Method(Protocol):
     name: str
 
     def quantize(self, model, ctx) -> QuantResult: ...
+
+
+def check_values(prefix: str, obj, checks, get=getattr) -> None:
+    """Raise a UserError for the first failing (key, ok, allowed) check, naming `prefix.key`, its value and what is allowed."""
+    for key, ok, allowed in checks:
+        if not ok:
+            raise UserError(f"{prefix}.{key}={get(obj, key)!r} is not allowed; allowed: {allowed}")

@@ -33,7 +33,7 @@ from harness.quant.context import MethodConfig, QuantContext
 from harness.quant.quantizer import QuantSpec, compute_qparams, quantize_weight
 from harness.quant.runner import LayerwiseRunner, record_calls, record_inputs, tokens_of
 from harness.registry import register_method
-from harness.types import QuantizedLinear, QuantResult, UserError
+from harness.types import check_values, QuantizedLinear, QuantResult, UserError
 
 
 # ------------------------------------------------------------------ scale groups
@@ -79,9 +79,7 @@ def check_config(cfg: AWQConfig) -> None:
               ("clip_tokens", cfg.clip_tokens >= 1, "an integer >= 1"),
               ("batch_tokens", cfg.batch_tokens >= 1, "an integer >= 1"),
               ("offload", cfg.offload in ("auto", "cpu", "device"), "auto, cpu, device")]
-    for key, ok, allowed in checks:
-        if not ok:
-            raise UserError(f"method.{key}={getattr(cfg, key)!r} is not allowed; allowed: {allowed}")
+    check_values("method", cfg, checks)
 
 
 # ------------------------------------------------------------------ the reusable scale search

@@ -49,7 +49,7 @@ from harness.quant.finetune_signal import (IMPORTANCE_KINDS, ZERO_COUNT_DTYPES, 
                                            weights_fingerprint)
 from harness.quant.select import quantizable_linears
 from harness.registry import register_method
-from harness.types import QuantResult, UserError
+from harness.types import check_values, QuantResult, UserError
 from methods.awq import AWQ, AWQConfig, ScaleGroup
 
 IMPORTANCES = (*IMPORTANCE_KINDS, "activation")
@@ -74,9 +74,7 @@ def check_quantlrm(cfg: QuantLRMConfig) -> None:
               ("ratio", cfg.ratio >= 1, "a number >= 1"),
               ("zero_count_dtype", cfg.zero_count_dtype in ZERO_COUNT_DTYPES, ", ".join(ZERO_COUNT_DTYPES)),
               ("group_signal", cfg.group_signal in GROUP_SIGNALS, ", ".join(GROUP_SIGNALS))]
-    for key, ok, allowed in checks:
-        if not ok:
-            raise UserError(f"method.{key}={getattr(cfg, key)!r} is not allowed; allowed: {allowed}")
+    check_values("method", cfg, checks)
     if cfg.pseudo_finetune:
         check_pft(cfg.pft)
 

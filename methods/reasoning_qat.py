@@ -62,7 +62,7 @@ from harness.quant import fakequant
 from harness.quant.context import MethodConfig, QuantContext
 from harness.quant.select import quantizable_linears
 from harness.registry import register_method
-from harness.types import Example, QuantResult, Sampling, UserError
+from harness.types import check_values, Example, QuantResult, Sampling, UserError
 
 OBJECTIVES = ("kd", "sft")
 LATENTS = ("projected", "ptq")
@@ -154,9 +154,7 @@ def check_config(cfg: ReasoningQATConfig) -> None:
                ("rl.prompts", r.prompts in RL_PROMPTS, ", ".join(RL_PROMPTS)),
                ("rl.n_prompts", r.n_prompts >= 1, "an integer >= 1"),
                ("rl.save_every", r.save_every >= 1, "an integer >= 1")]
-    for key, ok, allowed in checks:
-        if not ok:
-            raise UserError(f"method.{key}={_get(cfg, key)!r} is not allowed; allowed: {allowed}")
+    check_values("method", cfg, checks, get=_get)
     if r.enabled:
         if r.task not in registry.available("task"):
             raise UserError(f"method.rl.task={r.task!r} is not a known task; allowed: "

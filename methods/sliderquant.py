@@ -47,7 +47,7 @@ from harness.quant.context import MethodConfig, QuantContext
 from harness.quant.quantizer import QuantSpec, _grouped, fake_quantize_ste, qparams_from_range, quantize_weight
 from harness.quant.runner import LayerwiseRunner, _check_windows, _first_tensor
 from harness.registry import register_method
-from harness.types import QuantizedLinear, QuantResult, UserError
+from harness.types import check_values, QuantizedLinear, QuantResult, UserError
 from methods.awq import SCALE_GROUPS, fold_scale, gqa_expand
 
 
@@ -89,9 +89,7 @@ def check_config(cfg: SliderQuantConfig) -> None:
               ("lr_scale", cfg.lr_scale >= 0, ">= 0"), ("lr_lowrank", cfg.lr_lowrank >= 0, ">= 0"),
               ("lr_clip", cfg.lr_clip >= 0, ">= 0"), ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
               ("offload", cfg.offload in ("auto", "cpu", "device"), "auto, cpu, device")]
-    for key, ok, allowed in checks:
-        if not ok:
-            raise UserError(f"method.{key}={getattr(cfg, key)!r} is not allowed; allowed: {allowed}")
+    check_values("method", cfg, checks)
     bad = [g for g in cfg.scale_groups if g not in SCALE_GROUPS]
     if bad:
         raise UserError(f"method.scale_groups contains {bad!r}; allowed: {', '.join(SCALE_GROUPS)}")

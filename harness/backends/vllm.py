@@ -22,7 +22,7 @@ from types import SimpleNamespace
 from typing import Optional
 
 from harness.registry import register_backend
-from harness.types import Completion, Sampling, UserError
+from harness.types import check_values, Completion, Sampling, UserError
 
 INSTALL_HINT = 'pip install -e ".[vllm]"'
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -62,9 +62,7 @@ def check_config(cfg: VLLMBackendConfig) -> None:
               ("gpu_memory_utilization", 0 < cfg.gpu_memory_utilization <= 1, "(0, 1]"),
               ("dtype", cfg.dtype in DTYPES, ", ".join(DTYPES)),
               ("stream_rows", cfg.stream_rows >= 1, "an integer >= 1")]
-    for key, ok, allowed in checks:
-        if not ok:
-            raise UserError(f"backend.{key}={getattr(cfg, key)!r} is not allowed; allowed: {allowed}")
+    check_values("backend", cfg, checks)
 
 
 def _generation_eos(model_path: str) -> SimpleNamespace:

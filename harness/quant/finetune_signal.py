@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from harness.types import UserError
+from harness.types import check_values, UserError
 
 IMPORTANCE_KINDS = ("quantlrm", "quadratic", "zeros")
 ZERO_COUNT_DTYPES = ("fp32", "fp16")
@@ -466,9 +466,7 @@ def check_pft(cfg: PFTConfig) -> None:
               ("momentum", 0 <= cfg.momentum < 1, "[0, 1)"),
               ("max_new_tokens", cfg.max_new_tokens >= 1, "an integer >= 1"),
               ("trainable", len(cfg.trainable) > 0, "a non-empty list of regexes")]
-    for key, ok, allowed in checks:
-        if not ok:
-            raise UserError(f"method.pft.{key}={getattr(cfg, key)!r} is not allowed; allowed: {allowed}")
+    check_values("method.pft", cfg, checks)
     if cfg.data == "local" and not cfg.path:
         raise UserError("method.pft.data=local needs method.pft.path=<texts.jsonl> (one JSON object per line "
                         f"with a {cfg.text_key!r} field)")
