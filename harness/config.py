@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from harness import registry
+from harness.backends.vllm import PACKED_BITS as VLLM_PACKED_BITS
 from harness.quant.quantizer import QuantSpec
 from harness.types import check_values, Sampling, UserError
 
@@ -110,6 +111,7 @@ class RunSpec:
     spec: QuantSpec
     sampling: Sampling
     top: TopLevel
+    act: Any = None         # harness.quant.actquant.ActSpec of a weight-activation method; None: weight-only
 
 
 def _plugin(kind: str, node) -> tuple[type, Any]:
@@ -152,7 +154,7 @@ def validate(cfg: DictConfig) -> RunSpec:
     task_cls, task_cfg = _plugin("task", cfg.get("task"))
     # Plugins check their own values when built; building them here (cheap: no model, no data)
     # makes those checks fail before anything is loaded.
-    method_cls(method_cfg)
+    act = getattr(method_cls(method_cfg), "act_spec", None)
     task_cls(task_cfg)
     if getattr(method_cls, "uses_calibration", False):
         from harness.calib import as_calib_config
@@ -161,8 +163,16 @@ def validate(cfg: DictConfig) -> RunSpec:
     if backend_node is None or "name" not in backend_node:
         raise UserError("backend is not set; choose one with backend=<name>")
     backend_cls, _ = _plugin("backend", backend_node)           # its keys, checked before any model loads
+    if act is not None and backend_node.name == "vllm":
+        raise UserError(f"backend=vllm cannot serve method.act_bits={act.bits}: vLLM cannot run fake activation "
+                        f"quantization; allowed: backend=hf or backend=auto (which picks hf for it)")
+    if backend_node.name == "vllm" and top.export == "packed" and getattr(method_cls, "quantizes", True) \
+            and spec.bits not in VLLM_PACKED_BITS:
+        raise UserError(f"backend=vllm cannot serve export=packed at quant.bits={spec.bits}: vLLM's kernels take "
+                        f"{' or '.join(map(str, VLLM_PACKED_BITS))}-bit packed weights; allowed: export=fake "
+                        f"(dequantized weights, any bits) or backend=hf")
     getattr(backend_cls, "preflight", lambda: None)()            # e.g. backend=vllm without vllm installed
     sampling = resolve_sampling(task_cfg.sampling, top.sampling, model, top.seed)
     return RunSpec(model=model, method_cls=method_cls, method_cfg=method_cfg, task_cls=task_cls, task_cfg=task_cfg,
                    backend_name=backend_node.name, backend_node=backend_node, calib=cfg.get("calib"),
-                   spec=spec, sampling=sampling, top=top)
+                   spec=spec, sampling=sampling, top=top, act=act)

@@ -120,7 +120,8 @@ def quant_label(spec: RunSpec) -> str:
     if not getattr(spec.method_cls, "quantizes", True):
         return spec.method_cls.name
     s = spec.spec
-    return f"{spec.method_cls.name}-w{s.bits}g{s.group_size}{'-sym' if s.sym else ''}"
+    a = f"a{spec.act.bits}" if spec.act is not None else ""
+    return f"{spec.method_cls.name}-w{s.bits}{a}g{s.group_size}{'-sym' if s.sym else ''}"
 
 
 def model_fingerprint(source: str) -> str | None:
@@ -139,6 +140,9 @@ def checkpoint_key(spec: RunSpec, source: str) -> dict:
         "method": dataclasses.asdict(spec.method_cfg), "method_code": method_code_version(spec.method_cls),
         "quant": dataclasses.asdict(spec.spec), "export": spec.top.export,
         "calib": OmegaConf.to_container(spec.calib) if uses_calib and spec.calib is not None else None,
+        # checkpoints besides the quantized one that the method reads (QuantLRM's base model)
+        "inputs": getattr(spec.method_cls(spec.method_cfg), "input_fingerprint",
+                          lambda _p: None)(Path(source) if Path(source).is_dir() else None),
     }
 
 
@@ -189,7 +193,7 @@ def load_or_quantize(spec: RunSpec, tok, source: str, device, cfg_dict: dict, ti
 
     def build(tmp: Path) -> None:
         with timer.stage("load"):
-            model = load_model(source, spec, device)
+            model = load_model(source, spec, quantization_home(spec.method_cls, device))
         ctx = QuantContext(spec=spec.spec, method_cfg=spec.method_cfg, tokenizer=tok,
                            calib=_calibration(spec, tok, model, device), device=device,
                            model_path=Path(source) if Path(source).exists() else None,
@@ -201,7 +205,7 @@ def load_or_quantize(spec: RunSpec, tok, source: str, device, cfg_dict: dict, ti
                             provenance={"method": spec.method_cls.name, "key": key,
                                         "rqbench_version": __version__, "config": cfg_dict})
             (tmp / "rqbench_key.json").write_text(json.dumps(key, indent=1, default=str) + "\n")
-        built["model"] = model
+        built["model"] = model.to(device)
 
     path, _ = cached_dir(root, name, build, on_wait=lambda: log(f"another job is quantizing {name}; waiting"))
     if "model" in built:    # quantized here: the in-memory weights are exactly the exported ones
@@ -212,6 +216,13 @@ def load_or_quantize(spec: RunSpec, tok, source: str, device, cfg_dict: dict, ti
     return model, {"checkpoint": str(path), "cached": True}
 
 
+def quantization_home(method_cls, device: torch.device) -> torch.device:
+    """Where the model lives while a method quantizes it. Layer-wise methods move one window of layers
+    at a time to `device`, so the model stays on CPU (a 70B model quantizes on one GPU); the others
+    (RTN, Reasoning-QAT) work on the whole model on `device`."""
+    return torch.device("cpu") if getattr(method_cls, "layerwise", False) else device
+
+
 def _calibration(spec: RunSpec, tok, model, device):
     if not getattr(spec.method_cls, "uses_calibration", False) or spec.calib is None:
         return None
@@ -220,8 +231,13 @@ def _calibration(spec: RunSpec, tok, model, device):
     from harness.types import Sampling
 
     def generate(prompts: list[str], max_new_tokens: int = 1024, seed: int = 0) -> list[str]:
-        backend = HFBackend(HFBackendConfig(), model, tok, device, progress=spec.top.progress)
-        outs = backend.generate(prompts, Sampling(n=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=seed))
+        home = next(model.parameters()).device
+        model.to(device)            # self-generated traces: the whole model, briefly, on the device
+        try:
+            backend = HFBackend(HFBackendConfig(), model, tok, device, progress=spec.top.progress)
+            outs = backend.generate(prompts, Sampling(n=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=seed))
+        finally:
+            model.to(home)
         return [o[0].text for o in outs]
 
     cache = Path(spec.top.cache_dir).expanduser()
@@ -236,11 +252,21 @@ def make_backend(spec: RunSpec, model, tok, device, ckpt_path: str):
     from harness.config import typed
     name = spec.backend_name
     node = OmegaConf.to_container(spec.backend_node, resolve=True)
+    from harness.quant.actquant import installed
+    act = installed(model)
     if name == "auto":
         from harness.backends.auto import choose, keys_for
-        name, why = choose(device)
+        name, why = ("hf", f"activations are fake-quantized to {act.bits} bits") if act else choose(device)
+        if name == "vllm":
+            from harness.backends.vllm import packed_problems
+            problems = packed_problems(ckpt_path)
+            if problems:
+                name, why = "hf", f"vLLM cannot serve this packed checkpoint: {problems[0]}"
         log(f"backend=auto picked {name} ({why})")
         node = {k: v for k, v in node.items() if k in keys_for(name)}     # auto holds both backends' keys
+    if act is not None and name == "vllm":
+        raise UserError(f"backend=vllm cannot serve {ckpt_path}: its activations are fake-quantized to {act.bits} "
+                        f"bits, which only the HF backend runs; allowed: backend=hf or backend=auto")
     cls = registry.get("backend", name)
     cfg = typed(cls.Config, {**node, "name": name}, "backend")
     if name == "hf":
@@ -365,7 +391,8 @@ def _run(spec: RunSpec, cfg_dict: dict, run_tag: str = "") -> dict:
         "model": spec.model.name, "method": spec.method_cls.name,
         "bits": spec.spec.bits if getattr(spec.method_cls, "quantizes", True) else 16,
         "group_size": spec.spec.group_size if getattr(spec.method_cls, "quantizes", True) else None,
-        "sym": spec.spec.sym, "task": spec.task_cls.name, "seed": spec.top.seed, "run_tag": run_tag,
+        "sym": spec.spec.sym, "act_bits": spec.act.bits if spec.act is not None else None,
+        "task": spec.task_cls.name, "seed": spec.top.seed, "run_tag": run_tag,
         "export": spec.top.export, "sampling": dataclasses.asdict(spec.sampling),
         "metrics": metrics, "seconds": _cumulative_seconds(out_dir / "metrics.json", timer.seconds),
         "seconds_this_invocation": {k: round(v, 3) for k, v in timer.seconds.items()},

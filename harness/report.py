@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 ROW_KEYS = ["model", "method", "bits", "group"]
-KEYS = ["model", "method", "bits", "group_size", "sym", "run_tag", "task"]
+KEYS = ["model", "method", "bits", "group_size", "sym", "act_bits", "run_tag", "task"]
 RATE_PREFIXES = ("acc", "pass@", "maj@", "truncation_rate", "no_answer_rate")
 QUANT_STAGES = ("calibrate", "quantize", "export")
 EVAL_STAGES = ("generate", "score", "evaluate")
@@ -67,16 +67,21 @@ def collect(root: Path) -> pd.DataFrame:
     runs["run_tag"] = runs["run_tag"].fillna("")
     runs["sym"] = runs["sym"].fillna(False).astype(bool)
     runs["method"] = [m + (f"[{t}]" if t else "") for m, t in zip(runs["method"], runs["run_tag"])]
-    runs["group"] = [group_label(m, g, s) for m, g, s in zip(runs["bits"], runs["group_size"], runs["sym"])]
+    runs["group"] = [group_label(b, g, s, a) for b, g, s, a in
+                     zip(runs["bits"], runs["group_size"], runs["sym"], runs["act_bits"])]
     return runs
 
 
-def group_label(bits, group_size, sym) -> str:
-    if bits is None or (isinstance(bits, float) and math.isnan(bits)) or int(bits) >= 16:
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def group_label(bits, group_size, sym, act_bits=None) -> str:
+    """The grid a row's weights (and activations) live on: "g128", "ch sym", "g128 a4"."""
+    if _missing(bits) or int(bits) >= 16:
         return "-"
-    g = "ch" if group_size is None or (isinstance(group_size, float) and math.isnan(group_size)) \
-        or int(group_size) <= 0 else f"g{int(group_size)}"
-    return g + (" sym" if sym else "")
+    g = "ch" if _missing(group_size) or int(group_size) <= 0 else f"g{int(group_size)}"
+    return g + (" sym" if sym else "") + ("" if _missing(act_bits) else f" a{int(act_bits)}")
 
 
 def load_samples(runs: pd.DataFrame) -> pd.DataFrame:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Optional, Protocol
 
 
 class UserError(Exception):
@@ -79,6 +79,9 @@ class QuantizedLinear:
 class QuantResult:
     layers: dict[str, QuantizedLinear] = field(default_factory=dict)   # module name -> codes
     info: dict = field(default_factory=dict)                             # method-specific log
+    # Weight-activation methods: the input-activation spec (harness.quant.actquant.ActSpec.to_dict() plus
+    # "targets", the linears whose inputs are fake-quantized); None: weight-only.
+    activations: Optional[dict] = None
 
 
 class Method(Protocol):

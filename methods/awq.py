@@ -307,6 +307,7 @@ class _TokenSample:
 
 @register_method("awq")
 class AWQ:
+    layerwise = True            # walks the decoder on the runner: the pipeline keeps the model on CPU meanwhile
     Config = AWQConfig
     quantizes = True
     uses_calibration = True

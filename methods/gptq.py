@@ -252,6 +252,7 @@ def split_rows(q: QuantizedLinear, deq: torch.Tensor, sizes: list[int]) -> list[
 
 @register_method("gptq")
 class GPTQ:
+    layerwise = True            # walks the decoder on the runner: the pipeline keeps the model on CPU meanwhile
     Config = GPTQConfig
     quantizes = True
     uses_calibration = True

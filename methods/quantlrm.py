@@ -100,6 +100,22 @@ class QuantLRM(AWQ):
         result.info["quantlrm"] = info
         return result
 
+    def input_fingerprint(self, model_path: Optional[Path]) -> Optional[dict]:
+        """What besides the quantized model determines the result: the base checkpoint's contents, so a
+        cached quantized checkpoint is not reused after the base changed (a hub id: its revision)."""
+        if self.cfg.pseudo_finetune or self.cfg.importance == "activation":
+            return None
+        from harness.toy.build import TOY_MODELS, ensure_toy
+        from harness.store import files_fingerprint
+        name = self.cfg.base_model or declared_base(model_path)
+        if name is None:
+            return None
+        local = ensure_toy(name) if name in TOY_MODELS else Path(name).expanduser()
+        if not local.is_dir():
+            return {"base_model": name, "base_revision": self.cfg.base_revision}
+        files = [p for p in local.iterdir() if p.name == "config.json" or p.suffix == ".safetensors"]
+        return {"base_model": name, "base_fingerprint": files_fingerprint(files)}
+
     # ------------------------------------------------------------------ the AWQ hook
 
     def importance(self, win, group: ScaleGroup, x_abs_mean: torch.Tensor, linears: dict) -> torch.Tensor:
@@ -172,14 +188,21 @@ class QuantLRM(AWQ):
         info.update(source="pseudo_finetune")
 
         def compute() -> Signals:
-            ids = get_ids()
-            examples, how = pft_examples(ids, tok, pft)
-            pad = getattr(tok, "pad_token_id", None)
-            pad = pad if pad is not None else (getattr(tok, "eos_token_id", None) or 0)
-            with pseudo_finetuned(model, examples, pft, pad_id=pad, progress=ctx.progress) as run:
-                with torch.no_grad():
-                    sig = compute_signals(names, run.delta, ratio=cfg.ratio, zero_count_dtype=cfg.zero_count_dtype,
-                                          progress=ctx.progress)
+            # Trace generation and the fine-tuning itself need the whole model on the device (the pipeline
+            # keeps a layer-wise method's model on CPU); it goes back before the layer-wise pass.
+            home = next(model.parameters()).device
+            model.to(ctx.device)
+            try:
+                ids = get_ids()
+                examples, how = pft_examples(ids, tok, pft)
+                pad = getattr(tok, "pad_token_id", None)
+                pad = pad if pad is not None else (getattr(tok, "eos_token_id", None) or 0)
+                with pseudo_finetuned(model, examples, pft, pad_id=pad, progress=ctx.progress) as run:
+                    with torch.no_grad():
+                        sig = compute_signals(names, run.delta, ratio=cfg.ratio,
+                                              zero_count_dtype=cfg.zero_count_dtype, progress=ctx.progress)
+            finally:
+                model.to(home)
             sig.extra = {"pft_steps": len(run.losses), "pft_data": how, "pft_examples": len(examples),
                          "pft_loss_tokens": int(sum(int((y[1:] != -100).sum()) for _, y in examples)),
                          "pft_loss_first": run.losses[0], "pft_loss_last": run.losses[-1]}

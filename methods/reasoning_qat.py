@@ -163,7 +163,10 @@ def check_config(cfg: ReasoningQATConfig) -> None:
             raise UserError("method.rl.prompts=local needs method.rl.path=<prompts.jsonl> (one JSON object per line "
                             f"with {r.prompt_key!r} and {r.answer_key!r} fields)")
     if cfg.init != "none":
-        init_method(cfg)            # the init method's own checks, on its config with init_cfg applied
+        act = getattr(init_method(cfg), "act_spec", None)      # the init method's own checks (init_cfg applied)
+        if act is not None:
+            raise UserError(f"method.init_cfg.act_bits={act.bits} is not allowed: Reasoning-QAT trains weight-only "
+                            f"fake-quant linears; allowed: null")
     if cfg.data is not None:
         try:
             as_calib_config(cfg.data)

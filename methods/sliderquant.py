@@ -30,7 +30,19 @@ Rounding goes through the shared quantizer's straight-through estimator (`fake_q
 
 After both stages everything is folded into plain weights and quantized with the shared quantizer
 (`quantize_weight`) on the learned clipped grid, so the exporter writes the result like any other
-method's. Weight-only: activation quantization (W4A4) is not implemented here.
+method's.
+
+Weight-activation mode (``act_bits=4``: W4A4). As in the authors' code, the fp model is first rotated
+offline (QuaRot's R1, `harness.quant.rotation`; ``rotate``, on by default in this mode) and every
+quantized linear fake-quantizes its input per token (dynamic, asymmetric unless ``act_sym``) while the
+window trains, after the 1/alpha scaling and with the same gamma column split as the weights. The result
+records the activation spec; the exported checkpoint carries it and the HF backend runs it (forward
+pre-hooks, `harness.quant.actquant`). vLLM cannot serve fake activation quantization: backend=vllm is
+refused and backend=auto picks hf. Unlike the authors' code, the attention matmuls (Q K^T, P V) stay in
+full precision: only linear inputs are quantized.
+
+Defaults follow the authors' configs per setting (null keys): W2A16 trains low-rank + clipping only with
+low-rank lr 5e-4 for 60 epochs; other settings add the scales, low-rank lr 1e-4, 20 epochs; batch 3.
 """
 from __future__ import annotations
 
@@ -43,8 +55,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from harness.quant.actquant import ActSpec, fake_quantize_tokens
 from harness.quant.context import MethodConfig, QuantContext
 from harness.quant.quantizer import QuantSpec, _grouped, fake_quantize_ste, qparams_from_range, quantize_weight
+from harness.quant.rotation import check_rotatable, rotate_model
 from harness.quant.runner import LayerwiseRunner, _check_windows, _first_tensor
 from harness.registry import register_method
 from harness.types import check_values, QuantizedLinear, QuantResult, UserError
@@ -62,21 +76,43 @@ class SliderQuantConfig(MethodConfig):
     # --- intra-layer incremental quantization
     gamma: float = 0.5                  # stage 1 quantizes the first ceil(gamma*in) columns, stage 2 all (1.0: one stage)
     # --- learnable parameters
-    scales: bool = True                 # per-channel alpha (folded into the preceding op)
+    scales: Optional[bool] = None       # per-channel alpha (folded into the preceding op); null: off for weight-only
+                                        # 2 bits (the authors' W2A16 config trains low-rank + clipping only), else on
     scale_groups: list = field(default_factory=lambda: ["qkv", "o", "gate_up", "down"])
     rank: int = 4                       # low-rank correction B A (0: none)
     clip: bool = True                   # learnable weight clipping
     clip_init: float = 4.0              # sigmoid(4) = 0.982
+    # --- weight-activation mode (W4A4): HF backend only
+    act_bits: Optional[int] = None      # per-token dynamic activation fake-quant of every quantized linear's input; null: weight-only
+    act_sym: bool = False               # the authors' activations are asymmetric
+    rotate: Optional[bool] = None       # offline residual rotation (QuaRot R1) before training; null: on iff act_bits
     # --- training
     epochs: Optional[int] = None        # total over the stages; null: 60 at 2 bits, else 20
-    batch_size: int = 1                 # calibration rows per step
+    batch_size: int = 3                 # calibration rows per step (the authors' configs: 3)
     lr_scale: float = 1.0e-3
-    lr_lowrank: float = 1.0e-4
+    lr_lowrank: Optional[float] = None  # null: 5e-4 for weight-only 2 bits (the authors' W2A16 config), else 1e-4
     lr_clip: float = 1.0e-2
     lr_by_batch: bool = True            # lrs multiplied by batch_size (the authors' code)
     weight_decay: float = 0.0
     seed: int = 0
     offload: str = "auto"               # calibration activations: auto | cpu | device
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The null ("as the authors' config for this setting") choices made concrete for one bit width."""
+    scales: bool
+    lr_lowrank: float
+    epochs: int
+    rotate: bool
+
+
+def resolve(cfg: SliderQuantConfig, spec: QuantSpec) -> Resolved:
+    w2_weight_only = spec.bits == 2 and cfg.act_bits is None
+    return Resolved(scales=cfg.scales if cfg.scales is not None else not w2_weight_only,
+                    lr_lowrank=cfg.lr_lowrank if cfg.lr_lowrank is not None else (5.0e-4 if w2_weight_only else 1.0e-4),
+                    epochs=cfg.epochs if cfg.epochs is not None else (60 if spec.bits == 2 else 20),
+                    rotate=cfg.rotate if cfg.rotate is not None else cfg.act_bits is not None)
 
 
 def check_config(cfg: SliderQuantConfig) -> None:
@@ -86,7 +122,9 @@ def check_config(cfg: SliderQuantConfig) -> None:
               ("gamma", 0 < cfg.gamma <= 1, "(0, 1]"), ("rank", cfg.rank >= 0, "an integer >= 0"),
               ("epochs", cfg.epochs is None or cfg.epochs >= 0, "null or an integer >= 0"),
               ("batch_size", cfg.batch_size >= 1, "an integer >= 1"),
-              ("lr_scale", cfg.lr_scale >= 0, ">= 0"), ("lr_lowrank", cfg.lr_lowrank >= 0, ">= 0"),
+              ("lr_scale", cfg.lr_scale >= 0, ">= 0"),
+              ("lr_lowrank", cfg.lr_lowrank is None or cfg.lr_lowrank >= 0, "null or >= 0"),
+              ("act_bits", cfg.act_bits is None or 2 <= cfg.act_bits <= 8, "null (weight-only) or 2..8"),
               ("lr_clip", cfg.lr_clip >= 0, ">= 0"), ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
               ("offload", cfg.offload in ("auto", "cpu", "device"), "auto, cpu, device")]
     check_values("method", cfg, checks)
@@ -160,7 +198,8 @@ def lwc_range(w: torch.Tensor, spec: QuantSpec, up: Optional[torch.Tensor], low:
 class _SliderLinear(nn.Module):
     """A Linear that trains SliderQuant's parameters around its frozen full-precision weight."""
 
-    def __init__(self, lin: nn.Linear, spec: QuantSpec, cfg: SliderQuantConfig, gen: torch.Generator):
+    def __init__(self, lin: nn.Linear, spec: QuantSpec, cfg: SliderQuantConfig, gen: torch.Generator,
+                 act: Optional[ActSpec] = None):
         super().__init__()
         self.in_features, self.out_features = lin.in_features, lin.out_features
         self.weight = lin.weight            # the original parameter, frozen
@@ -184,6 +223,7 @@ class _SliderLinear(nn.Module):
             self.clip_low = nn.Parameter(torch.full((self.out_features, ng), cfg.clip_init, device=dev))
         else:
             self.clip_up = self.clip_low = None
+        self.act = act              # per-token input fake-quant (W4A4 mode), applied after the 1/alpha scaling
         self.quant = True
         self.fp = False             # True: the original linear (the full-precision teacher)
         self.gamma = 1.0
@@ -226,6 +266,8 @@ class _SliderLinear(nn.Module):
         cols = self.alpha_cols()
         if cols is not None:
             x = x / cols.to(x.dtype)
+        if self.quant and self.act is not None:
+            x = fake_quantize_tokens(x, self.act, self.gamma)
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -260,6 +302,7 @@ def _set(root: nn.Module, name: str, mod: nn.Module) -> None:
 
 @register_method("sliderquant")
 class SliderQuant:
+    layerwise = True            # walks the decoder on the runner: the pipeline keeps the model on CPU meanwhile
     Config = SliderQuantConfig
     quantizes = True
     uses_calibration = True
@@ -267,6 +310,11 @@ class SliderQuant:
     def __init__(self, cfg: SliderQuantConfig):
         check_config(cfg)
         self.cfg = cfg
+
+    @property
+    def act_spec(self) -> Optional[ActSpec]:
+        """Set in weight-activation mode: the pipeline then refuses backends that cannot fake-quantize activations."""
+        return None if self.cfg.act_bits is None else ActSpec(self.cfg.act_bits, self.cfg.act_sym)
 
     def schedule(self, n_layers: int) -> list[tuple[int, int]]:
         c = self.cfg
@@ -276,21 +324,27 @@ class SliderQuant:
 
     def quantize(self, model, ctx: QuantContext) -> QuantResult:
         cfg, spec = self.cfg, ctx.spec
+        self.eff = eff = resolve(cfg, spec)
+        if eff.rotate:
+            check_rotatable(model)
         ids = ctx.calibration_ids()
+        if eff.rotate:              # before the runner captures anything: calibration sees the rotated model
+            rotate_model(model, seed=cfg.seed)
         runner = LayerwiseRunner(model, ids, ctx.device, batch_tokens=cfg.batch_size * ids.shape[1],
                                  offload=cfg.offload, progress=ctx.progress, desc="sliderquant")
         n = len(runner.layers)
         windows = self.schedule(n)
         if ctx.progress:
             print(f"sliderquant: {len(windows)} windows over {n} layers: {format_windows(windows)}")
-        epochs = cfg.epochs if cfg.epochs is not None else (60 if spec.bits == 2 else 20)
+        epochs = eff.epochs
         gammas = [cfg.gamma, 1.0] if cfg.gamma < 1 else [1.0]
         per_stage = -(-epochs // len(gammas))        # total split over the stages, rounded up
         self._wrapped: dict[int, dict[str, _SliderLinear]] = {}
         self._scales: dict[int, nn.ParameterDict] = {}
         self._gen = torch.Generator().manual_seed(cfg.seed)
         result = QuantResult(info={"windows": format_windows(windows), "epochs_per_stage": per_stage,
-                                   "stages": gammas, "loss": []})
+                                   "stages": gammas, "scales": eff.scales, "lr_lowrank": eff.lr_lowrank,
+                                   "rotated": eff.rotate, "loss": []})
         runner.capture()
         h0 = list(runner.hidden)
         try:
@@ -304,6 +358,8 @@ class SliderQuant:
                 runner.run(lambda win: self._train_window(win, windows, spec, per_stage, stage, result), windows)
             self._fp_hidden = []
             self._finalize(runner, spec, result)
+            if self.act_spec is not None:
+                result.activations = {**self.act_spec.to_dict(), "targets": sorted(result.layers)}
         finally:
             self._fp_hidden = []
         return result
@@ -318,11 +374,11 @@ class SliderQuant:
             if isinstance(mod, nn.Linear) and any(re.search(p, full) for p in cfg.include) \
                     and not any(re.search(p, full) for p in cfg.exclude):
                 spec.check_width(full, mod.in_features)
-                w = _SliderLinear(mod, spec, cfg, self._gen)
+                w = _SliderLinear(mod, spec, cfg, self._gen, self.act_spec)
                 _set(layer, name, w)
                 wrapped[name] = w
         holder = nn.ParameterDict()
-        if cfg.scales:
+        if self.eff.scales:
             modules = dict(layer.named_modules())
             for gname in cfg.scale_groups:
                 g = SCALE_GROUPS[gname]
@@ -402,7 +458,7 @@ class SliderQuant:
                   "lowrank": [p for w in wrappers for p in w.param_groups()["lowrank"]],
                   "clip": [p for w in wrappers for p in w.param_groups()["clip"]]}
         factor = cfg.batch_size if cfg.lr_by_batch else 1
-        lrs = {"scale": cfg.lr_scale, "lowrank": cfg.lr_lowrank, "clip": cfg.lr_clip}
+        lrs = {"scale": cfg.lr_scale, "lowrank": self.eff.lr_lowrank, "clip": cfg.lr_clip}
         groups = [{"params": ps, "lr": lrs[k] * factor, "weight_decay": cfg.weight_decay}
                   for k, ps in params.items() if ps and lrs[k] > 0]
         steps = epochs * n_batches

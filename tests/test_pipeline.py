@@ -108,3 +108,16 @@ def test_resume_after_kill_loses_and_duplicates_nothing(cli, tmp_path):
     mk = json.loads((samples.parent / "metrics.json").read_text())["metrics"]
     mc = json.loads((tmp_path / "clean" / "toy" / "fp" / "arith" / "seed0" / "metrics.json").read_text())["metrics"]
     assert mk == mc
+
+
+def test_layerwise_methods_quantize_with_the_model_on_cpu():
+    """DESIGN: the runner moves one window at a time to the accelerator while the rest stays on CPU, so the
+    pipeline loads a layer-wise method's model on CPU; whole-model methods get it on the run's device."""
+    import torch
+
+    from harness import registry
+    from harness.pipeline import quantization_home
+    gpu = torch.device("cuda", 0)            # only compared, never allocated on
+    home = {m: quantization_home(registry.get("method", m), gpu) for m in registry.available("method")}
+    assert {m for m, d in home.items() if d.type == "cpu"} == {"gptq", "awq", "quantlrm", "sliderquant"}
+    assert home["rtn"] == gpu and home["reasoning_qat"] == gpu

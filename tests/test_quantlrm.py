@@ -332,3 +332,26 @@ def test_pseudo_finetune_runs_from_toy_base_alone(tmp_path):
 def test_cli_quantlrm_on_the_toy(cli, tmp_path):
     proc = cli("method=quantlrm", "quant.bits=3", "task.limit=20", f"results_dir={tmp_path}")
     assert "quantlrm" in proc.stdout
+
+
+def test_checkpoint_key_follows_the_base_models_contents(tmp_path):
+    """A cached quantized checkpoint must not be reused once the base it was computed against changed."""
+    import shutil
+
+    from harness.toy.build import ensure_toy
+    from methods.quantlrm import QuantLRM, QuantLRMConfig
+    base = tmp_path / "base"
+    shutil.copytree(ensure_toy("toy-base"), base)
+    method = QuantLRM(QuantLRMConfig(name="quantlrm", base_model=str(base)))
+    before = method.input_fingerprint(None)
+    assert before == method.input_fingerprint(None) and before["base_fingerprint"]
+    from safetensors.torch import load_file, save_file
+    f = next(base.glob("*.safetensors"))
+    tensors = load_file(f)
+    name = next(k for k in tensors if k.endswith("mlp.down_proj.weight"))
+    tensors[name] = tensors[name] * 1.01
+    save_file(tensors, f, metadata={"format": "pt"})
+    assert method.input_fingerprint(None) != before
+    # the toy zoo's declared base, and no base at all for pseudo fine-tuning or activation importance
+    assert QuantLRM(QuantLRMConfig(name="quantlrm")).input_fingerprint(ensure_toy("toy"))["base_model"] == "toy-base"
+    assert QuantLRM(QuantLRMConfig(name="quantlrm", pseudo_finetune=True)).input_fingerprint(None) is None

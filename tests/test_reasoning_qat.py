@@ -156,6 +156,8 @@ def test_bad_config_names_the_key(key, value, match):
         ReasoningQAT(ReasoningQATConfig(name="reasoning_qat", **{key: value}))
     with pytest.raises(UserError, match="method.init_cfg"):
         ReasoningQAT(ReasoningQATConfig(name="reasoning_qat", init="gptq", init_cfg={"dampp": 0.1}))
+    with pytest.raises(UserError, match="method.init_cfg.act_bits=4 is not allowed"):
+        ReasoningQAT(ReasoningQATConfig(name="reasoning_qat", init="sliderquant", init_cfg={"act_bits": 4}))
     with pytest.raises(UserError, match="method.data.name"):
         ReasoningQAT(ReasoningQATConfig(name="reasoning_qat", data={"name": "bogus"}))
     with pytest.raises(UserError, match="method.rl.group_size"):

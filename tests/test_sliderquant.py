@@ -63,7 +63,8 @@ def test_training_lowers_window_error_and_folding_keeps_the_function(toy_and_ids
     model, ids = toy_and_ids
     spec = QuantSpec(bits=2, group_size=32)
     # large scale lr so that alpha moves far from 1 and the fold is really exercised
-    cfg = SliderQuantConfig(name="sliderquant", windows="0-1,1-3,3", epochs=4, lr_scale=2e-2, lr_lowrank=1e-3)
+    cfg = SliderQuantConfig(name="sliderquant", windows="0-1,1-3,3", epochs=4, lr_scale=2e-2, lr_lowrank=1e-3,
+                            scales=True, batch_size=1)
     m = copy.deepcopy(model)
     method = _CheckFold(cfg)
     method.ids = ids
@@ -122,3 +123,52 @@ def test_runner_accepts_expanding_windows(toy_and_ids):
 def test_registered_with_the_plugin_attributes():
     cls = registry.get("method", "sliderquant")
     assert cls is SliderQuant and cls.quantizes and cls.uses_calibration
+
+
+def test_defaults_follow_the_authors_config_per_setting():
+    from methods.sliderquant import resolve
+    cfg = SliderQuantConfig(name="sliderquant")
+    w2 = resolve(cfg, QuantSpec(bits=2))                 # W2A16: low-rank (lr 5e-4) + clipping, 60 epochs
+    assert (w2.scales, w2.lr_lowrank, w2.epochs, w2.rotate) == (False, 5e-4, 60, False)
+    w4 = resolve(cfg, QuantSpec(bits=4))
+    assert (w4.scales, w4.lr_lowrank, w4.epochs, w4.rotate) == (True, 1e-4, 20, False)
+    w4a4 = resolve(SliderQuantConfig(name="sliderquant", act_bits=4), QuantSpec(bits=4))
+    assert (w4a4.scales, w4a4.rotate) == (True, True)
+    explicit = resolve(SliderQuantConfig(name="sliderquant", scales=True, lr_lowrank=1e-3, rotate=False, act_bits=4),
+                       QuantSpec(bits=2))
+    assert (explicit.scales, explicit.lr_lowrank, explicit.rotate) == (True, 1e-3, False)
+    with pytest.raises(UserError, match=r"method.act_bits=16 .*null \(weight-only\) or 2..8"):
+        SliderQuant(SliderQuantConfig(name="sliderquant", act_bits=16))
+
+
+def test_w4a4_trains_with_quantized_activations_and_round_trips(tmp_path, toy_and_ids):
+    """W4A4: the model is rotated, every quantized linear's input is fake-quantized per token after
+    quantization, and fake and packed checkpoints reload to exactly the same function."""
+    from harness.quant import actquant
+    from harness.quant.export import load_checkpoint, save_checkpoint
+    model, ids = toy_and_ids
+    cfg = SliderQuantConfig(name="sliderquant", act_bits=4, windows="0-1,1-3,3", epochs=2, batch_size=2)
+    m = copy.deepcopy(model)
+    res = SliderQuant(cfg).quantize(m, QuantContext(spec=QuantSpec(4, 32), method_cfg=cfg, calib=lambda: ids,
+                                                     progress=False))
+    assert res.info["rotated"] and res.activations["bits"] == 4 and not res.activations["sym"]
+    assert sorted(res.activations["targets"]) == sorted(res.layers)
+    # rotation folded every norm into the linears that read it
+    assert torch.equal(m.model.norm.weight, torch.ones_like(m.model.norm.weight))
+    tok = build_tokenizer()
+    outs = {}
+    for export in ("fake", "packed"):
+        save_checkpoint(m, tok, res, tmp_path / export, export)
+        assert actquant.installed(m) == actquant.ActSpec(4, False)
+        with torch.no_grad():
+            in_memory = m(ids).logits
+            reloaded_model = load_checkpoint(tmp_path / export, dtype=torch.float32)
+            assert actquant.installed(reloaded_model) == actquant.ActSpec(4, False)
+            outs[export] = reloaded_model(ids).logits
+        assert torch.equal(outs[export], in_memory)
+    # the hooks matter: without them the same weights compute something else
+    with torch.no_grad():
+        plain = copy.deepcopy(m)
+        for mod in plain.modules():
+            mod._forward_pre_hooks.clear()
+        assert not torch.allclose(plain(ids).logits, outs["fake"], atol=1e-3)

@@ -195,3 +195,53 @@ def test_yaml_nodes_match_their_schemas():
     defaults = {f.name: f.default for f in fields(auto_backend.AutoBackendConfig)}
     assert defaults["batch_size"] == HFBackendConfig().batch_size
     assert defaults["stream_rows"] == VLLMBackendConfig().stream_rows
+
+
+W4A4 = ["method=sliderquant", "quant.bits=4", "method.act_bits=4", "method.windows=0-3", "method.epochs=1",
+        "calib.n_samples=4", "calib.seq_len=32", "task.limit=4"]
+
+
+def test_fake_activation_quantization_never_reaches_vllm(monkeypatch, fake_vllm, tmp_path, capsys):
+    """W4A4 runs only on the HF backend: backend=vllm is refused before anything loads, and backend=auto
+    on a host where it would pick vLLM picks HF instead, also for the cached checkpoint."""
+    with pytest.raises(UserError, match=r"backend=vllm cannot serve method.act_bits=4.*backend=hf"):
+        run("backend=vllm", *W4A4, f"results_dir={tmp_path}", f"cache_dir={tmp_path / 'c'}")
+    assert not list(tmp_path.rglob("config.yaml"))
+    monkeypatch.setattr(auto_backend, "choose", lambda device: ("vllm", "pretending to be a GPU host"))
+    for seed in (0, 1):             # seed 1 reloads the checkpoint seed 0 made
+        out = run("backend=auto", *W4A4, f"seed={seed}", f"results_dir={tmp_path}", f"cache_dir={tmp_path / 'c'}")
+        assert out["act_bits"] == 4 and out["checkpoint"]["cached"] == (seed == 1)
+        assert "backend=auto picked hf (activations are fake-quantized to 4 bits)" in capsys.readouterr().err
+    assert not fake_vllm.engines
+    assert len(records(tmp_path, "sliderquant-w4a4g128", seed=1)) == 4
+
+
+def test_packed_checkpoints_vllm_cannot_serve_are_refused_with_the_way_out(fake_vllm, tmp_path):
+    # bits vLLM's kernels do not take: refused while the config is validated, before anything loads
+    with pytest.raises(UserError, match=r"export=packed at quant.bits=3.*export=fake"):
+        run("backend=vllm", "export=packed", "quant.bits=3", "task.limit=2", f"results_dir={tmp_path}")
+    run("backend=vllm", "export=fake", "quant.bits=3", "task.limit=2", f"results_dir={tmp_path}",
+        f"cache_dir={tmp_path / 'c'}")                       # dequantized: fine
+    # a layer selection that splits a fused projection: found in the checkpoint, before the engine starts
+    with pytest.raises(UserError, match=r"self_attn.\{q_proj,k_proj,v_proj\} are quantized differently.*export=fake"):
+        run("backend=vllm", "export=packed", "method.exclude=[k_proj$]", "task.limit=2",
+            f"results_dir={tmp_path}", f"cache_dir={tmp_path / 'c'}")
+    assert len(fake_vllm.engines) == 1
+
+
+def test_packed_problems_reads_the_compressed_tensors_config(tmp_path):
+    from harness.backends.vllm import packed_problems
+
+    def write(groups, ignore):
+        (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {
+            "quant_method": "compressed-tensors", "config_groups": groups, "ignore": ignore}}))
+        return packed_problems(tmp_path)
+    w4 = {"weights": {"num_bits": 4}}
+    assert write({"group_0": {**w4, "targets": ["Linear"]}}, ["lm_head"]) == []
+    assert write({"group_0": {**w4, "targets": ["Linear"]}}, ["lm_head", "model.layers.0.mlp.up_proj"])
+    two = {"group_0": {**w4, "targets": ["model.layers.0.mlp.gate_proj"]},
+           "group_1": {"weights": {"num_bits": 8}, "targets": ["model.layers.0.mlp.up_proj"]}}
+    assert any("gate_proj,up_proj" in p for p in write(two, []))
+    assert any("2-bit" in p for p in write({"group_0": {"weights": {"num_bits": 2}, "targets": ["Linear"]}}, []))
+    (tmp_path / "config.json").write_text("{}")
+    assert packed_problems(tmp_path) == []

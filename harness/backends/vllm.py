@@ -25,6 +25,12 @@ from harness.registry import register_backend
 from harness.types import check_values, Completion, Sampling, UserError
 
 INSTALL_HINT = 'pip install -e ".[vllm]"'
+# vLLM's compressed-tensors weight-only kernels (WNA16: Marlin / machete) take 4- and 8-bit integer
+# weights; a packed W2/W3 checkpoint fails inside the engine. Dequantized (export=fake) ones load anywhere.
+PACKED_BITS = (4, 8)
+# vLLM merges these projections into one matmul (QKVParallelLinear, MergedColumnParallelLinear): their
+# quantization must agree, quantized together with one scheme or all left in full precision.
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
@@ -54,6 +60,43 @@ def missing_vllm_message() -> str:
     return (f"backend=vllm needs vLLM, which is not installed in this environment. On a GPU host install it with "
             f"`{INSTALL_HINT}` (it pins its own compressed-tensors: never in one environment with [bench]); "
             f"elsewhere use backend=hf, or backend=auto to take vLLM when it is there.")
+
+
+def packed_problems(model_path) -> list[str]:
+    """Why vLLM cannot serve this compressed-tensors checkpoint (empty: it can, or it is not packed)."""
+    cfg_file = Path(model_path) / "config.json"
+    if not cfg_file.is_file():
+        return []
+    q = json.loads(cfg_file.read_text()).get("quantization_config") or {}
+    if q.get("quant_method") != "compressed-tensors":
+        return []
+    problems, scheme_of = [], {}
+    for gname, g in (q.get("config_groups") or {}).items():
+        bits = (g.get("weights") or {}).get("num_bits")
+        if bits not in PACKED_BITS:
+            problems.append(f"{gname} packs {bits}-bit weights (vLLM's kernels take {' or '.join(map(str, PACKED_BITS))})")
+        for t in g.get("targets", []):
+            scheme_of[t] = gname
+    for name in q.get("ignore", []):
+        scheme_of[name] = None
+    named = {n.rpartition(".") for n in scheme_of if "." in n}
+    for fused in FUSED:
+        for prefix in sorted({p for p, _, leaf in named if leaf in fused}):
+            # a module not named explicitly is covered by the "Linear" target (if any)
+            got = {f: scheme_of.get(f"{prefix}.{f}", scheme_of.get("Linear")) for f in fused}
+            if len(set(got.values())) > 1:
+                how = ", ".join(f"{k}: {v or 'not quantized'}" for k, v in got.items())
+                problems.append(f"{prefix}.{{{','.join(fused)}}} are quantized differently ({how}); "
+                                f"vLLM runs them as one fused matmul")
+    return problems
+
+
+def check_servable(model_path) -> None:
+    problems = packed_problems(model_path)
+    if problems:
+        raise UserError(f"backend=vllm cannot serve the packed checkpoint {model_path}: {'; '.join(problems[:3])}"
+                        f"{' ...' if len(problems) > 3 else ''}. Allowed: export=fake (dequantized weights, any "
+                        f"bits and layer selection), or backend=hf")
 
 
 def check_config(cfg: VLLMBackendConfig) -> None:
@@ -95,6 +138,7 @@ class VLLMBackend:
         check_config(cfg)
         if not vllm_available():
             raise UserError(missing_vllm_message())
+        check_servable(model_path)
         from harness.backends.hf import stop_token_ids
         self.cfg, self.model_path, self.tok, self.progress = cfg, str(model_path), tokenizer, progress
         self.revision, self.trust_remote_code = revision, trust_remote_code

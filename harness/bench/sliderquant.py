@@ -1,9 +1,11 @@
 """SliderQuant benchmark: `python -m harness.bench.sliderquant {accuracy,memory} ...`.
 
-accuracy: the toy model at W2 g128 (default), SliderQuant vs GPTQ vs RTN and SliderQuant's ablations,
-    each a full rqbench run (quantize -> generate -> score on the toy arithmetic task) over several
-    calibration seeds (`calib.seed`); reports accuracy (mean ± std over seeds) and the quantize wall time.
-    fp and RTN use no calibration: one run each. Every run gets its own results/cache directory, so nothing is reused.
+accuracy: the toy model at W2 g128 (default; `--act-bits 4 --bits 4` for W4A4), SliderQuant vs GPTQ vs RTN
+    and SliderQuant's ablations (`--variants`), each a full rqbench run (quantize -> generate -> score on
+    the toy arithmetic task) over several calibration seeds (`calib.seed`); reports accuracy (mean ± std
+    over seeds), its retention vs fp and the quantize wall time vs GPTQ's. fp and RTN use no calibration:
+    one run each. Every run gets its own results/cache directory, so nothing is reused. `--jobs` runs
+    that many in parallel (one thread each); wall times are then those of a shared machine.
 memory: a randomly initialised wide Qwen3 (hidden 1024, intermediate 3072), quantized by SliderQuant in
     a child process per (depth, window size); the child samples its RSS every 5 ms during `quantize`
     and reports the peak above the RSS just before (the model itself is already resident then, so
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import subprocess
@@ -25,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 ABLATIONS = {
@@ -33,50 +37,75 @@ ABLATIONS = {
     "window-1 (OmniQuant-like)": ["method.shallow=0", "method.deep=0", "method.window_size=1"],
     "gamma=1": ["method.gamma=1.0"],
     "no-lowrank": ["method.rank=0"],
+    "with-scales": ["method.scales=true"],          # W2A16's default trains no scales
     "no-scales": ["method.scales=false"],
+    "no-rotation": ["method.rotate=false"],         # W4A4's default rotates
+    "untrained (epochs=0)": ["method.epochs=0"],    # the starting point: (rotation +) RTN on the clip-init grid
 }
 
 
 # ------------------------------------------------------------------ accuracy on the toy
 
-def _one(overrides: list[str], work: Path) -> dict:
+def _one(job: tuple[list[str], str]) -> dict:
+    overrides, work = job
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     from hydra import compose, initialize_config_dir
 
     from harness.cli import CONF_DIR, execute
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["progress=false", f"results_dir={work / 'r'}",
-                                                       f"cache_dir={work / 'c'}", *overrides])
-    out = execute(cfg)
+    with tempfile.TemporaryDirectory(prefix="sqbench-", dir=work) as d:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name="config", overrides=["progress=false", f"results_dir={d}/r",
+                                                           f"cache_dir={d}/c", *overrides])
+        out = execute(cfg)
     return {"acc": out["metrics"]["acc"], "quantize_s": out["seconds"].get("quantize", 0.0)}
 
 
 def accuracy(args) -> dict:
     common = [f"quant.bits={args.bits}", f"quant.group_size={args.group_size}", f"task.limit={args.limit}",
               f"calib.n_samples={args.n_samples}"]
-    sq = [f"method.epochs={args.epochs}", f"method.batch_size={args.batch_size}"]
-    rows: dict[str, list[dict]] = {}
-    plan = [("fp", ["method=fp"], [0]), ("rtn", ["method=rtn"], [0])] if args.baselines else []
-    if args.baselines:
-        plan.append(("gptq", ["method=gptq"], args.seeds))
+    sq = [f"method.batch_size={args.batch_size}"] + ([f"method.epochs={args.epochs}"] if args.epochs is not None else [])
+    sq += [f"method.act_bits={args.act_bits}"] if args.act_bits else []
+    plan = [("fp", ["method=fp"], [0]), ("rtn (weight-only)", ["method=rtn"], [0]),
+            ("gptq (weight-only)", ["method=gptq"], args.seeds)] if args.baselines else []
     for name in args.variants:
-        plan.append((name, ["method=sliderquant", *sq, *ABLATIONS[name]],
-                     args.seeds if name == "sliderquant" or args.ablation_seeds == "all" else args.seeds[:1]))
-    for name, over, seeds in plan:
-        for seed in seeds:
-            with tempfile.TemporaryDirectory(prefix="sqbench-") as d:
-                r = _one([*common, *over, f"calib.seed={seed}"], Path(d))
-            r["seed"] = seed
-            rows.setdefault(name, []).append(r)
+        seeds = args.seeds if name == "sliderquant" or args.ablation_seeds == "all" else args.seeds[:1]
+        plan.append((name, ["method=sliderquant", *sq, *ABLATIONS[name]], seeds))
+    jobs = [(name, seed, ([*common, *over, f"calib.seed={seed}"], tempfile.gettempdir()))
+            for name, over, seeds in plan for seed in seeds]
+    rows: dict[str, list[dict]] = {name: [] for name, _, _ in plan}
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_one, job): (name, seed) for name, seed, job in jobs}
+        for fut in as_completed(futures):
+            name, seed = futures[fut]
+            r = {**fut.result(), "seed": seed}
+            rows[name].append(r)
             print(f"{name:28s} seed {seed}: acc {r['acc']:.4f}  quantize {r['quantize_s']:.1f}s", flush=True)
     summary = {}
     for name, rs in rows.items():
+        rs.sort(key=lambda r: r["seed"])
         accs = [r["acc"] for r in rs]
         summary[name] = {"acc_mean": statistics.mean(accs), "acc_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
                          "quantize_s_mean": statistics.mean(r["quantize_s"] for r in rs), "runs": rs}
-    return {"setting": {"bits": args.bits, "group_size": args.group_size, "limit": args.limit,
-                        "n_samples": args.n_samples, "epochs": args.epochs, "batch_size": args.batch_size,
-                        "seeds": args.seeds, "threads": os.environ.get("OMP_NUM_THREADS")},
+    return {"setting": {"bits": args.bits, "act_bits": args.act_bits, "group_size": args.group_size,
+                        "limit": args.limit, "n_samples": args.n_samples, "epochs": args.epochs,
+                        "batch_size": args.batch_size, "seeds": args.seeds, "jobs": args.jobs,
+                        "threads": os.environ.get("OMP_NUM_THREADS", "1")},
             "results": summary}
+
+
+def print_accuracy(res: dict) -> None:
+    """acc mean ± std over seeds, retention vs fp and quantize time vs GPTQ, both measured in the same run."""
+    r = res["results"]
+    fp = r.get("fp", {}).get("acc_mean")
+    gptq_s = r.get("gptq (weight-only)", {}).get("quantize_s_mean")
+    print(f"\n{'method':28s} {'acc':>7s} {'± std':>7s} {'n':>3s} {'vs fp':>7s} {'quantize s':>11s} {'vs gptq':>8s}")
+    for name, x in r.items():
+        keep = f"{x['acc_mean'] / fp:7.1%}" if fp else f"{'-':>7s}"
+        ratio = f"{x['quantize_s_mean'] / gptq_s:7.1f}x" if gptq_s and name != "fp" else f"{'-':>8s}"
+        print(f"{name:28s} {x['acc_mean']:7.4f} {x['acc_std']:7.4f} {len(x['runs']):3d} {keep} "
+              f"{x['quantize_s_mean']:11.1f} {ratio}")
 
 
 # ------------------------------------------------------------------ peak memory vs depth and window size
@@ -154,10 +183,12 @@ def main(argv=None) -> None:
     a.add_argument("--group-size", type=int, default=128)
     a.add_argument("--limit", type=int, default=200)
     a.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    a.add_argument("--act-bits", type=int, default=None, help="4: W4A4 (SliderQuant variants only)")
     a.add_argument("--n-samples", type=int, default=128)
-    a.add_argument("--epochs", type=int, default=60)
-    a.add_argument("--batch-size", type=int, default=1)
-    a.add_argument("--variants", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS))
+    a.add_argument("--epochs", type=int, default=None, help="default: the method's own (60 at W2, else 20)")
+    a.add_argument("--batch-size", type=int, default=3)
+    a.add_argument("--jobs", type=int, default=1, help="runs in parallel, one thread each")
+    a.add_argument("--variants", nargs="+", default=["sliderquant"], choices=list(ABLATIONS))
     a.add_argument("--ablation-seeds", choices=["first", "all"], default="first")
     a.add_argument("--no-baselines", dest="baselines", action="store_false", help="skip fp, RTN and GPTQ")
     m = sub.add_parser("memory")
@@ -176,9 +207,7 @@ def main(argv=None) -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=1))
     if args.cmd == "accuracy":
-        print(f"\n{'method':28s} {'acc mean':>9s} {'std':>7s} {'quantize s':>11s}")
-        for name, s in res["results"].items():
-            print(f"{name:28s} {s['acc_mean']:9.4f} {s['acc_std']:7.4f} {s['quantize_s_mean']:11.1f}")
+        print_accuracy(res)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,11 @@ function `decode_weight`, so they hold bit-identical weights:
 config.json records how the checkpoint was made under the key "rqbench" (method, spec, calibration,
 rqbench version, ...) — whatever `provenance` the caller passes.
 
+Weight-activation results (QuantResult.activations, e.g. SliderQuant W4A4) are recorded under
+"rqbench.input_activations" in both kinds (packed ones also as compressed-tensors `input_activations`:
+int, dynamic, per token); saving and loading install the per-token fake-quant hooks
+(`harness.quant.actquant`), so the in-memory and the reloaded model compute the same thing.
+
 `load_checkpoint` reads either kind back as a plain dense model; for packed checkpoints it runs
 compressed-tensors' own decompression (PackedQuantizationCompressor.decompress) module by module.
 """
@@ -29,6 +34,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from harness.quant import actquant
 from harness.types import QuantizedLinear, QuantResult, UserError
 
 EXPORTS = ("fake", "packed")
@@ -85,7 +91,7 @@ def packed_tensors(q: QuantizedLinear, dtype: torch.dtype) -> dict[str, torch.Te
     return out
 
 
-def quantization_config(model: nn.Module, layers: dict[str, QuantizedLinear]) -> dict:
+def quantization_config(model: nn.Module, layers: dict[str, QuantizedLinear], activations: dict | None = None) -> dict:
     """compressed-tensors `quantization_config` for config.json (what vLLM reads).
 
     One spec for all layers: targets ["Linear"] and every other Linear in `ignore` (llm-compressor's
@@ -99,10 +105,17 @@ def quantization_config(model: nn.Module, layers: dict[str, QuantizedLinear]) ->
         by_spec[tuple(sorted(ct_scheme_args(q).items()))].append(name)
     all_linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     ignore = [n for n in all_linears if n not in layers]
+    inputs = None
+    if activations:
+        if set(activations["targets"]) != set(layers):
+            raise ValueError("packed export: activation quantization must cover exactly the quantized linears")
+        inputs = QuantizationArgs(num_bits=activations["bits"], type="int", symmetric=activations["sym"],
+                                  strategy="token", dynamic=True)
     groups = {}
     for i, (key, names) in enumerate(by_spec.items()):
         targets = ["Linear"] if len(by_spec) == 1 else sorted(names)
-        groups[f"group_{i}"] = QuantizationScheme(targets=targets, weights=QuantizationArgs(**dict(key)))
+        groups[f"group_{i}"] = QuantizationScheme(targets=targets, weights=QuantizationArgs(**dict(key)),
+                                                  input_activations=inputs)
     cfg = QuantizationConfig(config_groups=groups, format="pack-quantized", quantization_status="compressed",
                              ignore=ignore)
     data = cfg.model_dump(exclude=["quant_method"])
@@ -135,6 +148,8 @@ def save_checkpoint(model: nn.Module, tokenizer, result: QuantResult, out_dir, e
             raise ValueError(f"QuantResult names {name!r}, which is not a Linear of this model")
         _check_layer(name, q, lin.weight)
         lin.weight.data.copy_(decode_weight(q, lin.weight.dtype).to(lin.weight.device))
+    if result.activations:
+        actquant.install(model, result.activations["targets"], actquant.ActSpec.from_dict(result.activations))
 
     state_dict = None
     if export == "packed" and result.layers:
@@ -152,9 +167,10 @@ def save_checkpoint(model: nn.Module, tokenizer, result: QuantResult, out_dir, e
 
     config = json.loads((out / "config.json").read_text())
     if export == "packed" and result.layers:
-        config["quantization_config"] = quantization_config(model, result.layers)
+        config["quantization_config"] = quantization_config(model, result.layers, result.activations)
     config[PROVENANCE_KEY] = _jsonable({"export": export, **(provenance or {}),
-                                        "quantized_layers": len(result.layers)})
+                                        "quantized_layers": len(result.layers),
+                                        "input_activations": result.activations})
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
 
@@ -172,7 +188,8 @@ def load_checkpoint(path, dtype=None, device="cpu") -> nn.Module:
     Packed checkpoints go through transformers' compressed-tensors integration with dequantize=True,
     i.e. compressed-tensors' own decompression (ModelCompressor.decompress_model); what it leaves on
     the modules (scale/zero-point parameters, a wrapped forward) is then removed, so the result is the
-    same architecture with ordinary nn.Linear weights.
+    same architecture with ordinary nn.Linear weights. A checkpoint with quantized input activations gets
+    its per-token fake-quant hooks back.
     """
     from transformers import AutoModelForCausalLM
     path = Path(path)
@@ -180,18 +197,32 @@ def load_checkpoint(path, dtype=None, device="cpu") -> nn.Module:
     qcfg = raw.get("quantization_config")
     kwargs = {} if dtype is None else {"dtype": dtype}
     if not qcfg or qcfg.get("quant_method") != "compressed-tensors":
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    else:
+        model = _load_packed(path, qcfg, kwargs)
+    acts = raw.get(PROVENANCE_KEY, {}).get("input_activations")
+    if acts:
+        actquant.install(model, acts["targets"], actquant.ActSpec.from_dict(acts))
+    return model.to(device).eval()
+
+
+def _load_packed(path: Path, qcfg: dict, kwargs: dict) -> nn.Module:
     if qcfg.get("format") != "pack-quantized":
         raise UserError(f"{path}: compressed-tensors format {qcfg.get('format')!r} is not supported here "
                         f"(rqbench reads pack-quantized)")
-    from transformers import CompressedTensorsConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, CompressedTensorsConfig
     import warnings
+    config = AutoConfig.from_pretrained(path)
+    # Dynamic input activations are run by our own hooks (load_checkpoint); compressed-tensors is asked to
+    # decompress the weights only (with input_activations set it sets up its own activation quantizers).
+    config.quantization_config = {**qcfg, "config_groups": {
+        k: {**g, "input_activations": None} for k, g in qcfg["config_groups"].items()}}
     with warnings.catch_warnings():     # "the config's quantization_config will be used" — yes, with dequantize=True
         warnings.filterwarnings("ignore", message=".*already has a `quantization_config`.*")
-        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=CompressedTensorsConfig(dequantize=True),
-                                                     **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, config=config,
+                                                     quantization_config=CompressedTensorsConfig(dequantize=True), **kwargs)
     _strip_compressed_tensors(model)
-    return model.to(device).eval()
+    return model
 
 
 _CT_PARAMS = ("weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx", "weight_global_scale")

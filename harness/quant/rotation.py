@@ -1,0 +1,87 @@
+"""Offline residual-stream rotation (QuaRot's R1, as SliderQuant applies before weight-activation quantization).
+
+For a pre-norm decoder (llama, mistral, qwen2, qwen3) and an orthogonal Q ([hidden, hidden]):
+  1. every RMSNorm's weight g is folded into the linears it feeds (W[:, j] *= g[j]) and set to 1
+     (input_layernorm -> q/k/v, post_attention_layernorm -> gate/up, the final norm -> lm_head);
+  2. the residual stream is rotated: embeddings E <- E Q; linears reading it W <- W Q (q/k/v, gate/up,
+     lm_head); linears writing it W <- Q^T W, b <- b Q (o_proj, down_proj).
+A weight-free RMSNorm commutes with Q (||xQ|| = ||x||), so the model computes the same function up to
+floating-point error, while activations lose their outlier channels — which is what makes 4-bit
+per-token activations usable. Nothing is added at run time, so the rotated model is an ordinary
+checkpoint. Q is a random Hadamard matrix when hidden is a power of two, else a random orthogonal one
+(QR of a Gaussian), both seeded. Tied embeddings are untied (the head gets the final norm folded in).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from harness.types import UserError
+
+PRE_NORM_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def random_orthogonal(n: int, seed: int = 0) -> torch.Tensor:
+    """A seeded random orthogonal [n, n] matrix in float64: diag(±1) H / sqrt(n) for n = 2^k, else QR."""
+    gen = torch.Generator().manual_seed(seed)
+    if n & (n - 1) == 0:
+        h = torch.ones(1, 1, dtype=torch.float64)
+        while h.shape[0] < n:                   # Sylvester: H_2k = [[H, H], [H, -H]]
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        signs = torch.randint(0, 2, (n,), generator=gen).to(torch.float64) * 2 - 1
+        return signs[:, None] * h / n ** 0.5
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))[None, :]
+
+
+def _fold_norm(norm: nn.Module, linears: list[nn.Linear]) -> None:
+    g = norm.weight.data.double()
+    for lin in linears:
+        lin.weight.data = (lin.weight.data.double() * g[None, :]).to(lin.weight.dtype)
+    norm.weight.data.fill_(1.0)
+
+
+def _read(lin: nn.Linear, q: torch.Tensor) -> None:          # x Q in: W <- W Q
+    lin.weight.data = (lin.weight.data.double() @ q.to(lin.weight.device)).to(lin.weight.dtype)
+
+
+def _write(lin: nn.Linear, q: torch.Tensor) -> None:         # y Q out: W <- Q^T W, b <- b Q
+    q = q.to(lin.weight.device)
+    lin.weight.data = (q.T @ lin.weight.data.double()).to(lin.weight.dtype)
+    if lin.bias is not None:
+        lin.bias.data = (lin.bias.data.double() @ q).to(lin.bias.dtype)
+
+
+def check_rotatable(model: nn.Module) -> None:
+    kind = getattr(model.config, "model_type", None)
+    if kind not in PRE_NORM_TYPES:
+        raise UserError(f"method.rotate=true: model_type {kind!r} is not supported; allowed: "
+                        f"{', '.join(PRE_NORM_TYPES)} (pre-norm decoders with RMSNorm); set method.rotate=false")
+
+
+@torch.no_grad()
+def rotate_model(model: nn.Module, seed: int = 0) -> torch.Tensor:
+    """Fold the norms and rotate the residual stream in place; returns Q (float64)."""
+    check_rotatable(model)
+    base = model.model
+    head = model.get_output_embeddings()
+    emb = model.get_input_embeddings()
+    if head.weight is emb.weight:               # the head is about to differ from the embeddings
+        head.weight = nn.Parameter(emb.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+    q = random_orthogonal(model.config.hidden_size, seed)
+    _fold_norm(base.norm, [head])
+    _read(head, q)
+    emb.weight.data = (emb.weight.data.double() @ q.to(emb.weight.device)).to(emb.weight.dtype)
+    for layer in base.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        _fold_norm(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj])
+        _fold_norm(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
+        for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+            _read(lin, q)
+        _write(attn.o_proj, q)
+        _write(mlp.down_proj, q)
+    return q
+
+
+__all__ = ["rotate_model", "random_orthogonal", "check_rotatable", "PRE_NORM_TYPES"]
