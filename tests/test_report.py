@@ -186,3 +186,16 @@ def test_cli_edge_cases(tmp_path, capsys):
     assert report.main([str(tmp_path), "--metric", "tokens_mean", "--no-plots", "--baseline", "nope"]) == 0
     err = capsys.readouterr().err
     assert "--baseline nope: no run of that method" in err
+
+
+def test_weight_activation_runs_get_their_own_rows(tmp_path):
+    """W4A4 and W4A16 of one method are different rows ("g128 a4" vs "g128"); older metrics without act_bits read as weight-only."""
+    root = tmp_path / "results"
+    write_run(root, TOY, "sliderquant", 4, "arith", 0, pattern(10, 9))
+    d = write_run(root / "a4", TOY, "sliderquant", 4, "arith", 0, pattern(10, 6))
+    m = json.loads((d / "metrics.json").read_text())
+    (d / "metrics.json").write_text(json.dumps({**m, "act_bits": 4}))
+    runs = report.collect(root)
+    assert sorted(runs["group"]) == ["g128", "g128 a4"]
+    assert dict(zip(runs["group"], runs["acc"])) == {"g128": 0.9, "g128 a4": 0.6}
+    assert report.group_label(2, -1, True, None) == "ch sym" and report.group_label(16, None, False) == "-"
