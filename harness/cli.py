@@ -18,7 +18,8 @@ SUMMARY_COLUMNS = ["method", "bits", "group_size", "task", "acc", "tokens_mean",
 
 def summary_row(result: dict) -> dict:
     m = result["metrics"]
-    return {"method": result["method"], "bits": result["bits"], "group_size": result["group_size"],
+    act = {"act_bits": result["act_bits"]} if result.get("act_bits") else {}
+    return {"method": result["method"], "bits": result["bits"], **act, "group_size": result["group_size"],
             "task": result["task"], "seed": result["seed"], "acc": m.get("acc"),
             "tokens_mean": m.get("tokens_mean"), "truncation_rate": m.get("truncation_rate")}
 

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from harness.backends import auto as auto_backend
 from harness.backends.hf import HFBackendConfig
 from harness.backends.vllm import VLLMBackend, VLLMBackendConfig
-from harness.cli import CONF_DIR, execute
+from harness.cli import CONF_DIR, execute, summary_row
 from harness.seeding import sample_seed
 from harness.types import UserError
 
@@ -211,6 +211,7 @@ def test_fake_activation_quantization_never_reaches_vllm(monkeypatch, fake_vllm,
     for seed in (0, 1):             # seed 1 reloads the checkpoint seed 0 made
         out = run("backend=auto", *W4A4, f"seed={seed}", f"results_dir={tmp_path}", f"cache_dir={tmp_path / 'c'}")
         assert out["act_bits"] == 4 and out["checkpoint"]["cached"] == (seed == 1)
+        assert summary_row(out)["act_bits"] == 4            # the printed summary says W4A4, not W4
         assert "backend=auto picked hf (activations are fake-quantized to 4 bits)" in capsys.readouterr().err
     assert not fake_vllm.engines
     assert len(records(tmp_path, "sliderquant-w4a4g128", seed=1)) == 4
