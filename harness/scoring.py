@@ -80,11 +80,18 @@ def cut_at_next_question(text: str) -> str:
 
 # ------------------------------------------------------------------ math (math-verify)
 
+# math-verify's own default (5 s) guards against pathological sympy inputs, but on a loaded machine
+# (a busy node, a parallel sweep) ordinary reference solutions took longer than that: parsing gave up
+# and correct answers were graded wrong, so scores depended on machine load. A generous limit keeps
+# the guard and makes grading load-independent.
+MATH_VERIFY_TIMEOUT_S = 60
+
+
 def _math_verify_kwargs() -> tuple[dict, dict]:
     """math-verify's timeouts use signal.alarm, which only works in the main thread; elsewhere
     (a scoring thread pool, a web server) they must be off or every call raises."""
     if threading.current_thread() is threading.main_thread():
-        return {}, {}
+        return {"parsing_timeout": MATH_VERIFY_TIMEOUT_S}, {"timeout_seconds": MATH_VERIFY_TIMEOUT_S}
     return {"parsing_timeout": None}, {"timeout_seconds": None}
 
 
@@ -103,7 +110,7 @@ def _parse_gold_cached(gold: str, main_thread: bool):
     # "\$" (a price: "\$18.90") is not a delimiter.
     delimited = re.search(r"(?<!\\)\$", gold) or "\\boxed" in gold
     wrapped = gold if delimited else f"${gold}$"
-    return tuple(parse(wrapped, **({} if main_thread else {"parsing_timeout": None})))
+    return tuple(parse(wrapped, parsing_timeout=MATH_VERIFY_TIMEOUT_S if main_thread else None))
 
 
 def parse_gold_math(gold: str) -> list:

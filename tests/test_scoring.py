@@ -85,6 +85,27 @@ def test_math_grading_works_outside_the_main_thread():
     assert results == [True, True, False]
 
 
+def test_math_grading_does_not_depend_on_machine_load(monkeypatch):
+    """A slow sympy (a loaded node) must not turn a correct answer wrong: the guard against hangs is set far
+    above math-verify's 5 s default. Simulated: time advances 10 s inside each parse."""
+    import math_verify
+
+    from harness import scoring
+    scoring._parse_gold_cached.cache_clear()
+    limits = []
+    real_parse = math_verify.parse
+
+    def slow_parse(text, *args, parsing_timeout=5, **kw):
+        limits.append(parsing_timeout)
+        if parsing_timeout is not None and parsing_timeout < 10:     # what a 10 s parse would do to the default
+            return []
+        return real_parse(text, *args, parsing_timeout=parsing_timeout, **kw)
+    monkeypatch.setattr(math_verify, "parse", slow_parse)
+    assert grade_math("\\boxed{\\frac{7}{8}}", "\\frac{7}{8}").correct
+    assert limits and all(t is not None and t >= 10 for t in limits)
+    scoring._parse_gold_cached.cache_clear()
+
+
 # ------------------------------------------------------------------ choices and labels
 
 @pytest.mark.parametrize("text,expected", [
