@@ -20,6 +20,7 @@ reached fail with a UserError naming the dataset and the offline alternative (`c
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -301,11 +302,37 @@ def _call_generate(generate: Callable, prompts: list[str], max_new_tokens: int) 
     return list(generate(prompts, max_new_tokens=max_new_tokens) if takes else generate(prompts))
 
 
+def _ids_cache_file(cfg: CalibConfig, tokenizer, trace_file: Path) -> Path:
+    """Where the packed ids of this exact config live: a rerun needs neither the prompt source (a hub
+    dataset, unreachable offline) nor the model."""
+    key = {"cfg": dataclasses.asdict(cfg), "tokenizer": [getattr(tokenizer, "name_or_path", ""), len(tokenizer)]}
+    if cfg.prompts == "local" and cfg.path:
+        p = Path(cfg.path).expanduser()
+        key["prompts_file"] = [p.stat().st_size, p.stat().st_mtime_ns] if p.is_file() else None
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return trace_file.with_name(f"{trace_file.stem}-ids-{digest}.pt")
+
+
 def _reasoning(cfg, tokenizer, cache_dir, generate, model_key, rng) -> torch.Tensor:
     n, t = cfg.n_samples, cfg.seq_len
-    need = n * t
     cache_root = Path(cache_dir).expanduser() if cache_dir else Path.home() / ".cache" / "rqbench"
-    cache = TraceCache(cache_root / "calib" / "traces" / f"{trace_cache_key(cfg, tokenizer, model_key)}.jsonl")
+    trace_file = cache_root / "calib" / "traces" / f"{trace_cache_key(cfg, tokenizer, model_key)}.jsonl"
+    ids_file = _ids_cache_file(cfg, tokenizer, trace_file)
+    if ids_file.is_file():
+        ids = torch.load(ids_file, weights_only=True)
+        if tuple(ids.shape) == (n, t):
+            return ids
+    ids = _reasoning_ids(cfg, tokenizer, TraceCache(trace_file), generate, rng)
+    ids_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ids_file.with_suffix(f".tmp{os.getpid()}")
+    torch.save(ids, tmp)
+    os.replace(tmp, ids_file)
+    return ids
+
+
+def _reasoning_ids(cfg, tokenizer, cache: TraceCache, generate, rng) -> torch.Tensor:
+    n, t = cfg.n_samples, cfg.seq_len
+    need = n * t
     pool = _prompt_pool(cfg, rng)
     if cfg.n_prompts and len(pool) < cfg.n_prompts:
         raise UserError(f"calib.n_prompts={cfg.n_prompts} but the prompt source has only {len(pool)} prompts")

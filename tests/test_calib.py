@@ -109,6 +109,24 @@ def test_hub_sources_with_a_stand_in_dataset(tok, monkeypatch):
     assert ("mit-han-lab/pile-val-backup", None, "validation", None) in seen
 
 
+def test_reasoning_from_the_hub_reruns_offline_from_the_cache(tmp_path, tok, monkeypatch):
+    """Once its traces are made, a calib=reasoning run needs neither the hub prompt dataset nor the model."""
+    import datasets
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_dict(
+        {"problem": [f"What is {i} times {i}?" for i in range(40)]}))
+    cfg = {"name": "reasoning", "n_samples": 3, "seq_len": 48, "n_prompts": 12}
+    first = calibration_ids(cfg, tok, cache_dir=tmp_path, generate=lambda ps: ["<think>ok</think> 1"] * len(ps),
+                            model_key="m@1")
+
+    def offline(*a, **k):
+        raise ConnectionError("no network")
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    again = calibration_ids(cfg, tok, cache_dir=tmp_path, generate=None, model_key="m@1")
+    assert torch.equal(first, again)
+    with pytest.raises(UserError):      # another config is not in the cache: the hub is needed again
+        calibration_ids({**cfg, "seed": 1}, tok, cache_dir=tmp_path, generate=None, model_key="m@1")
+
+
 def test_schema_rejects_typos_and_bad_values():
     assert as_calib_config({"name": "toy"}) == CalibConfig(name="toy")
     with pytest.raises(UserError, match="calib.n_sample"):
