@@ -43,9 +43,7 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +54,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from harness.quant.finetune_signal import collate
+from harness.quant.state import StateFile, TrainingStopped
 from harness import registry
 from harness.calib import CalibConfig, as_calib_config, calibration_ids
 from harness.quant import fakequant
@@ -66,10 +65,6 @@ from harness.types import check_values, Example, QuantResult, Sampling, UserErro
 
 OBJECTIVES = ("kd", "sft")
 LATENTS = ("projected", "ptq")
-
-
-class TrainingStopped(RuntimeError):
-    """Training left early on purpose (`stop_at`), its state saved for a resume."""
 RL_PROMPTS = ("toy", "local")
 
 
@@ -192,37 +187,6 @@ def _get(cfg, dotted: str):
 
 
 # ------------------------------------------------------------------ training state on disk
-
-class StateFile:
-    """One training phase's resumable state: written atomically, read back only if its key matches."""
-
-    def __init__(self, path: Optional[Path], key: dict):
-        self.path = path
-        self.key_json = json.dumps(key, sort_keys=True, default=str)
-
-    def load(self) -> Optional[dict]:
-        if self.path is None or not self.path.is_file():
-            return None
-        state = torch.load(self.path, map_location="cpu", weights_only=False)
-        return state if state.get("key_json") == self.key_json else None
-
-    def save(self, state: dict) -> None:
-        if self.path is None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save({**state, "key_json": self.key_json}, tmp)
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-
-    def remove(self) -> None:
-        if self.path is not None and self.path.is_file():
-            self.path.unlink()
-
 
 def _trainable(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -41,14 +41,23 @@ pre-hooks, `harness.quant.actquant`). vLLM cannot serve fake activation quantiza
 refused and backend=auto picks hf. Unlike the authors' code, the attention matmuls (Q K^T, P V) stay in
 full precision: only linear inputs are quantized.
 
+No lost work: after every trained window the learnable parameters of every layer visited so far are saved
+(`harness.quant.state.StateFile`, under cache_dir/sliderquant/train/, keyed by config, calibration tokens
+and model weights). A rerun after a kill resumes: finished stages are skipped, finished windows of the
+current one replay without training (their layers hold the saved parameters, so the quantized trajectory
+is passed on exactly as before), and the result is bit-identical to an uninterrupted run.
+
 Defaults follow the authors' configs per setting (null keys): W2A16 trains low-rank + clipping only with
 low-rank lr 5e-4 for 60 epochs; other settings add the scales, low-rank lr 1e-4, 20 epochs; batch 3.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -59,6 +68,7 @@ from harness.quant.actquant import ActSpec, fake_quantize_tokens
 from harness.quant.context import MethodConfig, QuantContext
 from harness.quant.quantizer import QuantSpec, _grouped, fake_quantize_ste, qparams_from_range, quantize_weight
 from harness.quant.rotation import check_rotatable, rotate_model
+from harness.quant.state import StateFile, TrainingStopped
 from harness.quant.runner import LayerwiseRunner, _check_windows, _first_tensor
 from harness.registry import register_method
 from harness.types import check_values, QuantizedLinear, QuantResult, UserError
@@ -322,12 +332,30 @@ class SliderQuant:
             return parse_windows(c.windows, n_layers)
         return window_schedule(n_layers, c.shallow, c.deep, c.window_size, c.stride)
 
-    def quantize(self, model, ctx: QuantContext) -> QuantResult:
+    def state_file(self, model, ctx: QuantContext, ids: torch.Tensor) -> StateFile:
+        """Where training progress is saved after every window (keyed by everything that determines it)."""
+        from harness.quant.finetune_signal import weights_fingerprint
+        from harness.store import stable_hash
+        key = {"method": dataclasses.asdict(self.cfg), "quant": dataclasses.asdict(ctx.spec),
+               "calib": hashlib.sha256(ids.cpu().contiguous().numpy().tobytes()).hexdigest()[:16],
+               "model": weights_fingerprint((n, p) for n, p in model.state_dict().items())}
+        if ctx.cache_dir is None:
+            return StateFile(None, key)
+        return StateFile(Path(ctx.cache_dir).expanduser() / "sliderquant" / "train" / f"{stable_hash(key)}.pt", key)
+
+    def quantize(self, model, ctx: QuantContext, *, stop_after: Optional[int] = None) -> QuantResult:
+        """`stop_after`: leave (TrainingStopped) once that many windows have trained in this call, their
+        state saved, as a preempted job would; a later call with the same inputs resumes from there."""
         cfg, spec = self.cfg, ctx.spec
         self.eff = eff = resolve(cfg, spec)
         if eff.rotate:
             check_rotatable(model)
         ids = ctx.calibration_ids()
+        self._state = self.state_file(model, ctx, ids)
+        saved = self._state.load()
+        self._done = {tuple(d) for d in saved["done"]} if saved else set()     # (stage, window index)
+        self._saved_params = saved["params"] if saved else {}
+        self._stop_after, self._trained_here = stop_after, 0
         if eff.rotate:              # before the runner captures anything: calibration sees the rotated model
             rotate_model(model, seed=cfg.seed)
         runner = LayerwiseRunner(model, ids, ctx.device, batch_tokens=cfg.batch_size * ids.shape[1],
@@ -344,11 +372,15 @@ class SliderQuant:
         self._gen = torch.Generator().manual_seed(cfg.seed)
         result = QuantResult(info={"windows": format_windows(windows), "epochs_per_stage": per_stage,
                                    "stages": gammas, "scales": eff.scales, "lr_lowrank": eff.lr_lowrank,
-                                   "rotated": eff.rotate, "loss": []})
+                                   "rotated": eff.rotate, "loss": saved["loss"] if saved else [],
+                                   "resumed_windows": len(self._done)})
+        resume_stage = max((st for st, _ in self._done), default=0)
         runner.capture()
         h0 = list(runner.hidden)
         try:
             for stage, gamma in enumerate(gammas):
+                if stage < resume_stage:        # finished before the interruption: its result is the saved params
+                    continue
                 runner.hidden = list(h0)
                 self._fp_hidden = list(h0)
                 self._gamma = gamma
@@ -360,6 +392,7 @@ class SliderQuant:
             self._finalize(runner, spec, result)
             if self.act_spec is not None:
                 result.activations = {**self.act_spec.to_dict(), "targets": sorted(result.layers)}
+            self._state.remove()
         finally:
             self._fp_hidden = []
         return result
@@ -400,6 +433,28 @@ class SliderQuant:
             w.gamma = self._gamma
         self._wrapped[index] = wrapped
         self._scales[index] = holder
+        if index in self._saved_params:             # resuming: what this layer had learned so far
+            with torch.no_grad():
+                for name, p in self._named_learnable(index).items():
+                    p.copy_(self._saved_params[index][name].to(p.device, p.dtype))
+
+    def _named_learnable(self, i: int) -> dict[str, nn.Parameter]:
+        out = {f"scale.{k}": p for k, p in self._scales[i].items()}
+        for lname, w in self._wrapped[i].items():
+            for attr in ("lora_a", "lora_b", "clip_up", "clip_low"):
+                if getattr(w, attr) is not None:
+                    out[f"{lname}.{attr}"] = getattr(w, attr)
+        return out
+
+    def _save_progress(self, stage: int, win, result: QuantResult) -> None:
+        self._done.add((stage, win.index))
+        self._state.save({"done": sorted(self._done), "loss": result.info["loss"],
+                          "params": {i: {n: p.detach().cpu().clone() for n, p in self._named_learnable(i).items()}
+                                     for i in self._wrapped}})
+        self._trained_here += 1
+        if self._stop_after is not None and self._trained_here >= self._stop_after:
+            raise TrainingStopped(f"sliderquant stopped after window {win.start}-{win.stop - 1} of stage {stage} "
+                                  f"(state saved in {self._state.path})")
 
     # -------------------------------------------------------------- one window
 
@@ -415,12 +470,30 @@ class SliderQuant:
         learnable = {id(p) for i in range(win.start, win.stop) for p in self._learnable(i)}
         dtypes = [_cast_layer(layer, torch.float32, learnable) for layer in win.layers]
 
-        def run(h, kws):
+        def run(h, kws, layers=win.layers):
             outs = []
-            for layer, kw in zip(win.layers, kws):
+            for layer, kw in zip(layers, kws):
                 h = _first_tensor(layer(h, **kw))
                 outs.append(h)
             return outs
+
+        if (stage, win.index) in self._done:
+            # Trained before an interruption: its layers already hold their saved parameters, so the runner
+            # passes the quantized trajectory on exactly as it did; only the fp trajectory needs advancing.
+            if advance > 0:
+                with torch.no_grad():
+                    for w in wrappers:
+                        w.fp = True
+                    try:
+                        self._fp_hidden = [
+                            run(self._fp_hidden[b].to(win.device).float(), kws[:advance], win.layers[:advance])[-1]
+                            .to(runner.store_device, self._fp_hidden[b].dtype) for b, (_, kws) in enumerate(win.batches())]
+                    finally:
+                        for w in wrappers:
+                            w.fp = False
+            for layer, dt in zip(win.layers, dtypes):
+                _cast_layer(layer, dt, learnable)
+            return
 
         # Full-precision targets (fp inputs through the original layers) and the next window's fp inputs.
         targets, next_fp = [], []
@@ -497,6 +570,7 @@ class SliderQuant:
         targets.clear()
         for layer, dt in zip(win.layers, dtypes):
             _cast_layer(layer, dt, learnable)
+        self._save_progress(stage, win, result)
 
     def _learnable(self, i: int) -> list[nn.Parameter]:
         ps = list(self._scales[i].parameters())

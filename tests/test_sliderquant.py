@@ -172,3 +172,27 @@ def test_w4a4_trains_with_quantized_activations_and_round_trips(tmp_path, toy_an
         for mod in plain.modules():
             mod._forward_pre_hooks.clear()
         assert not torch.allclose(plain(ids).logits, outs["fake"], atol=1e-3)
+
+
+@pytest.mark.parametrize("stop_after", [2, 4])          # mid stage 1; first window of stage 2
+def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, toy_and_ids, stop_after):
+    from harness.quant.state import TrainingStopped
+    model, ids = toy_and_ids
+    spec = QuantSpec(bits=2, group_size=32)
+    cfg = SliderQuantConfig(name="sliderquant", windows="0-1,1-3,3", epochs=4, batch_size=2, scales=True,
+                            lr_scale=1e-2)
+
+    def ctx(cache):
+        return QuantContext(spec=spec, method_cfg=cfg, calib=lambda: ids, progress=False, cache_dir=cache)
+    reference = SliderQuant(cfg).quantize(copy.deepcopy(model), ctx(tmp_path / "a"))
+    with pytest.raises(TrainingStopped):
+        SliderQuant(cfg).quantize(copy.deepcopy(model), ctx(tmp_path / "b"), stop_after=stop_after)
+    assert len(list((tmp_path / "b" / "sliderquant" / "train").glob("*.pt"))) == 1
+    resumed = SliderQuant(cfg).quantize(copy.deepcopy(model), ctx(tmp_path / "b"))
+    assert resumed.info["resumed_windows"] == stop_after
+    assert resumed.info["loss"] == reference.info["loss"]
+    assert set(resumed.layers) == set(reference.layers)
+    for name, q in reference.layers.items():
+        r = resumed.layers[name]
+        assert torch.equal(r.codes, q.codes) and torch.equal(r.scale, q.scale) and torch.equal(r.zero, q.zero), name
+    assert not list((tmp_path / "b" / "sliderquant" / "train").glob("*.pt"))     # done: the state is removed
