@@ -357,7 +357,7 @@ class SliderQuant:
         self._saved_params = saved["params"] if saved else {}
         self._stop_after, self._trained_here = stop_after, 0
         if eff.rotate:              # before the runner captures anything: calibration sees the rotated model
-            rotate_model(model, seed=cfg.seed)
+            rotate_model(model, seed=cfg.seed, device=ctx.device)
         runner = LayerwiseRunner(model, ids, ctx.device, batch_tokens=cfg.batch_size * ids.shape[1],
                                  offload=cfg.offload, progress=ctx.progress, desc="sliderquant")
         n = len(runner.layers)

@@ -92,6 +92,9 @@ def test_rotation_keeps_the_function_and_spreads_outliers():
         x = seen["x"]
         return logits, float((x.abs().amax(-1) / x.pow(2).mean(-1).sqrt()).mean())
 
+    on_device = copy.deepcopy(model)        # the arithmetic one layer at a time on a device, the model back home
+    rotate_model(on_device, seed=0, device=torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(on_device.state_dict().values(), rotated.state_dict().values()))
     ref, peak_before = layer0_input(model)
     out, peak_after = layer0_input(rotated)
     assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
