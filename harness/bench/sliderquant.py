@@ -6,7 +6,7 @@ accuracy: the toy model at W2 g128 (default; `--act-bits 4 --bits 4` for W4A4), 
     over seeds), its retention vs fp and the quantize wall time vs GPTQ's. fp and RTN use no calibration:
     one run each. Every run gets its own results/cache directory, so nothing is reused. `--jobs` runs
     that many in parallel (one thread each); wall times are then those of a shared machine.
-memory: a randomly initialised wide Qwen3 (hidden 1024, intermediate 3072), quantized by SliderQuant in
+memory: a randomly initialised Qwen3-0.6B-shaped model (hidden 1024, intermediate 3072), quantized by SliderQuant in
     a child process per (depth, window size); the child samples its RSS every 5 ms during `quantize`
     and reports the peak above the RSS just before (the model itself is already resident then, so
     what is left is activations, targets, the window's fake-quant weights and optimizer state). The child
@@ -192,8 +192,8 @@ def main(argv=None) -> None:
     a.add_argument("--ablation-seeds", choices=["first", "all"], default="first")
     a.add_argument("--no-baselines", dest="baselines", action="store_false", help="skip fp, RTN and GPTQ")
     m = sub.add_parser("memory")
-    m.add_argument("--layers", type=int, nargs="+", default=[2, 6])
-    m.add_argument("--windows", type=int, nargs="+", default=[1, 2])
+    m.add_argument("--layers", type=int, nargs="+", default=[4, 12, 28], help="28: Qwen3-0.6B's full depth")
+    m.add_argument("--windows", type=int, nargs="+", default=[1, 2, 4])
     m.add_argument("--n-samples", type=int, default=2)
     m.add_argument("--seq-len", type=int, default=256)
     m.add_argument("--mmap-threshold", type=int, default=131072,
