@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 
+from harness.store import save_torch_atomic, stable_hash
 from harness.types import check_values, UserError
 
 SOURCES = ("pileval", "wikitext2", "c4", "reasoning", "local", "toy")
@@ -309,8 +310,7 @@ def _ids_cache_file(cfg: CalibConfig, tokenizer, trace_file: Path) -> Path:
     if cfg.prompts == "local" and cfg.path:
         p = Path(cfg.path).expanduser()
         key["prompts_file"] = [p.stat().st_size, p.stat().st_mtime_ns] if p.is_file() else None
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return trace_file.with_name(f"{trace_file.stem}-ids-{digest}.pt")
+    return trace_file.with_name(f"{trace_file.stem}-ids-{stable_hash(key)}.pt")
 
 
 def _reasoning(cfg, tokenizer, cache_dir, generate, model_key, rng) -> torch.Tensor:
@@ -323,10 +323,7 @@ def _reasoning(cfg, tokenizer, cache_dir, generate, model_key, rng) -> torch.Ten
         if tuple(ids.shape) == (n, t):
             return ids
     ids = _reasoning_ids(cfg, tokenizer, TraceCache(trace_file), generate, rng)
-    ids_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ids_file.with_suffix(f".tmp{os.getpid()}")
-    torch.save(ids, tmp)
-    os.replace(tmp, ids_file)
+    save_torch_atomic(ids_file, ids)
     return ids
 
 

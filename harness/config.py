@@ -111,7 +111,13 @@ class RunSpec:
     spec: QuantSpec
     sampling: Sampling
     top: TopLevel
-    act: Any = None         # harness.quant.actquant.ActSpec of a weight-activation method; None: weight-only
+    # The method built from method_cls(method_cfg), its checks passed: derived, so not part of equality.
+    method: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def act(self):
+        """harness.quant.actquant.ActSpec of a weight-activation method; None: weight-only."""
+        return getattr(self.method, "act_spec", None)
 
 
 def _plugin(kind: str, node) -> tuple[type, Any]:
@@ -154,7 +160,8 @@ def validate(cfg: DictConfig) -> RunSpec:
     task_cls, task_cfg = _plugin("task", cfg.get("task"))
     # Plugins check their own values when built; building them here (cheap: no model, no data)
     # makes those checks fail before anything is loaded.
-    act = getattr(method_cls(method_cfg), "act_spec", None)
+    method = method_cls(method_cfg)
+    act = getattr(method, "act_spec", None)
     task_cls(task_cfg)
     if getattr(method_cls, "uses_calibration", False):
         from harness.calib import as_calib_config
@@ -175,4 +182,4 @@ def validate(cfg: DictConfig) -> RunSpec:
     sampling = resolve_sampling(task_cfg.sampling, top.sampling, model, top.seed)
     return RunSpec(model=model, method_cls=method_cls, method_cfg=method_cfg, task_cls=task_cls, task_cfg=task_cfg,
                    backend_name=backend_node.name, backend_node=backend_node, calib=cfg.get("calib"),
-                   spec=spec, sampling=sampling, top=top, act=act)
+                   spec=spec, sampling=sampling, top=top, method=method)

@@ -21,7 +21,7 @@ from harness.metrics import compute_metrics
 from harness.quant.context import QuantContext
 from harness.quant.select import quantizable_linears
 from harness.seeding import sample_seed
-from harness.store import SampleStore, cached_dir, files_fingerprint, run_lock, stable_hash, write_json_atomic
+from harness.store import SampleStore, cached_dir, checkpoint_fingerprint, run_lock, stable_hash, write_json_atomic
 from harness.types import UserError
 
 
@@ -124,25 +124,16 @@ def quant_label(spec: RunSpec) -> str:
     return f"{spec.method_cls.name}-w{s.bits}{a}g{s.group_size}{'-sym' if s.sym else ''}"
 
 
-def model_fingerprint(source: str) -> str | None:
-    """Content fingerprint of a local checkpoint dir (a retrained model must not hit a stale cache)."""
-    root = Path(source)
-    if not root.is_dir():
-        return None                      # a hub id: the revision identifies it
-    return files_fingerprint(p for p in root.iterdir() if p.name == "config.json" or p.suffix in (".safetensors", ".bin"))
-
-
 def checkpoint_key(spec: RunSpec, source: str) -> dict:
     uses_calib = getattr(spec.method_cls, "uses_calibration", False)
     return {
         "model": source, "revision": spec.model.revision, "dtype": spec.model.dtype,
-        "model_fingerprint": model_fingerprint(source),
+        "model_fingerprint": checkpoint_fingerprint(source),
         "method": dataclasses.asdict(spec.method_cfg), "method_code": method_code_version(spec.method_cls),
         "quant": dataclasses.asdict(spec.spec), "export": spec.top.export,
         "calib": OmegaConf.to_container(spec.calib) if uses_calib and spec.calib is not None else None,
         # checkpoints besides the quantized one that the method reads (QuantLRM's base model)
-        "inputs": getattr(spec.method_cls(spec.method_cfg), "input_fingerprint",
-                          lambda _p: None)(Path(source) if Path(source).is_dir() else None),
+        "inputs": getattr(spec.method, "input_fingerprint", lambda _p: None)(Path(source) if Path(source).is_dir() else None),
     }
 
 
@@ -199,7 +190,7 @@ def load_or_quantize(spec: RunSpec, tok, source: str, device, cfg_dict: dict, ti
                            model_path=Path(source) if Path(source).exists() else None,
                            cache_dir=Path(spec.top.cache_dir).expanduser(), progress=spec.top.progress)
         with timer.stage("quantize"):
-            result = spec.method_cls(spec.method_cfg).quantize(model, ctx)
+            result = spec.method.quantize(model, ctx)
         with timer.stage("export"):
             save_checkpoint(model, tok, result, tmp, spec.top.export,
                             provenance={"method": spec.method_cls.name, "key": key,
@@ -228,22 +219,19 @@ def _calibration(spec: RunSpec, tok, model, device):
         return None
     from harness.calib import calibration_ids
     from harness.backends.hf import HFBackend, HFBackendConfig
+    from harness.quant.runner import on_device
     from harness.types import Sampling
 
     def generate(prompts: list[str], max_new_tokens: int = 1024, seed: int = 0) -> list[str]:
-        home = next(model.parameters()).device
-        model.to(device)            # self-generated traces: the whole model, briefly, on the device
-        try:
+        with on_device(model, device):          # self-generated traces: the whole model, briefly, on the device
             backend = HFBackend(HFBackendConfig(), model, tok, device, progress=spec.top.progress)
             outs = backend.generate(prompts, Sampling(n=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=seed))
-        finally:
-            model.to(home)
         return [o[0].text for o in outs]
 
     cache = Path(spec.top.cache_dir).expanduser()
     source = model_source(spec)
     # Traces depend on the model's weights, not just its path (the toy can be retrained in place).
-    model_key = f"{source}@{spec.model.revision}:{model_fingerprint(source)}:{spec.model.dtype}"
+    model_key = f"{source}@{spec.model.revision}:{checkpoint_fingerprint(source)}:{spec.model.dtype}"
     return lambda: calibration_ids(spec.calib, tok, cache_dir=cache, generate=generate, model_key=model_key)
 
 
@@ -252,21 +240,11 @@ def make_backend(spec: RunSpec, model, tok, device, ckpt_path: str):
     from harness.config import typed
     name = spec.backend_name
     node = OmegaConf.to_container(spec.backend_node, resolve=True)
-    from harness.quant.actquant import installed
-    act = installed(model)
     if name == "auto":
         from harness.backends.auto import choose, keys_for
-        name, why = ("hf", f"activations are fake-quantized to {act.bits} bits") if act else choose(device)
-        if name == "vllm":
-            from harness.backends.vllm import packed_problems
-            problems = packed_problems(ckpt_path)
-            if problems:
-                name, why = "hf", f"vLLM cannot serve this packed checkpoint: {problems[0]}"
+        name, why = choose(device, act=spec.act, checkpoint=ckpt_path)
         log(f"backend=auto picked {name} ({why})")
         node = {k: v for k, v in node.items() if k in keys_for(name)}     # auto holds both backends' keys
-    if act is not None and name == "vllm":
-        raise UserError(f"backend=vllm cannot serve {ckpt_path}: its activations are fake-quantized to {act.bits} "
-                        f"bits, which only the HF backend runs; allowed: backend=hf or backend=auto")
     cls = registry.get("backend", name)
     cfg = typed(cls.Config, {**node, "name": name}, "backend")
     if name == "hf":

@@ -87,12 +87,13 @@ def cut_at_next_question(text: str) -> str:
 MATH_VERIFY_TIMEOUT_S = 60
 
 
-def _math_verify_kwargs() -> tuple[dict, dict]:
-    """math-verify's timeouts use signal.alarm, which only works in the main thread; elsewhere
-    (a scoring thread pool, a web server) they must be off or every call raises."""
-    if threading.current_thread() is threading.main_thread():
-        return {"parsing_timeout": MATH_VERIFY_TIMEOUT_S}, {"timeout_seconds": MATH_VERIFY_TIMEOUT_S}
-    return {"parsing_timeout": None}, {"timeout_seconds": None}
+def _math_verify_kwargs(main_thread: bool | None = None) -> tuple[dict, dict]:
+    """(parse kwargs, verify kwargs). math-verify's timeouts use signal.alarm, which only works in the main
+    thread; elsewhere (a scoring thread pool, a web server) they must be off or every call raises."""
+    if main_thread is None:
+        main_thread = threading.current_thread() is threading.main_thread()
+    limit = MATH_VERIFY_TIMEOUT_S if main_thread else None
+    return {"parsing_timeout": limit}, {"timeout_seconds": limit}
 
 
 def _pred_config():
@@ -110,7 +111,7 @@ def _parse_gold_cached(gold: str, main_thread: bool):
     # "\$" (a price: "\$18.90") is not a delimiter.
     delimited = re.search(r"(?<!\\)\$", gold) or "\\boxed" in gold
     wrapped = gold if delimited else f"${gold}$"
-    return tuple(parse(wrapped, parsing_timeout=MATH_VERIFY_TIMEOUT_S if main_thread else None))
+    return tuple(parse(wrapped, **_math_verify_kwargs(main_thread)[0]))
 
 
 def parse_gold_math(gold: str) -> list:

@@ -37,15 +37,42 @@ def files_fingerprint(paths) -> str:
     return h.hexdigest()[:16]
 
 
-def write_json_atomic(path: Path, obj) -> None:
+def checkpoint_fingerprint(root) -> str | None:
+    """files_fingerprint of a local HF checkpoint dir (config.json and weight files); None: not a local dir
+    (a hub id, which its revision identifies)."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    return files_fingerprint(p for p in root.iterdir() if p.name == "config.json" or p.suffix in (".safetensors", ".bin"))
+
+
+def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
+    """write(tmp_path) into a temp file beside `path`, then rename: a kill mid-write leaves the old file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=False, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, sort_keys=False, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+    _write_atomic(path, write)
+
+
+def save_torch_atomic(path: Path, obj) -> None:
+    import torch
+    _write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 class SampleStore:

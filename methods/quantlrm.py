@@ -45,8 +45,9 @@ import torch
 from harness.quant.context import QuantContext
 from harness.quant.finetune_signal import (IMPORTANCE_KINDS, ZERO_COUNT_DTYPES, CheckpointWeights, PFTConfig, Signals,
                                            check_pft, code_version, compute_signals, declared_base, load_or_compute,
-                                           pair_delta, pft_examples, pft_ids, pseudo_finetuned, resolve_checkpoint,
-                                           weights_fingerprint)
+                                           local_checkpoint, pair_delta, pft_examples, pft_ids, pseudo_finetuned,
+                                           resolve_checkpoint, weights_fingerprint)
+from harness.quant.runner import on_device
 from harness.quant.select import quantizable_linears
 from harness.registry import register_method
 from harness.types import check_values, QuantResult, UserError
@@ -105,16 +106,14 @@ class QuantLRM(AWQ):
         cached quantized checkpoint is not reused after the base changed (a hub id: its revision)."""
         if self.cfg.pseudo_finetune or self.cfg.importance == "activation":
             return None
-        from harness.toy.build import TOY_MODELS, ensure_toy
-        from harness.store import files_fingerprint
+        from harness.store import checkpoint_fingerprint
         name = self.cfg.base_model or declared_base(model_path)
         if name is None:
             return None
-        local = ensure_toy(name) if name in TOY_MODELS else Path(name).expanduser()
-        if not local.is_dir():
+        local = local_checkpoint(name)
+        if local is None:
             return {"base_model": name, "base_revision": self.cfg.base_revision}
-        files = [p for p in local.iterdir() if p.name == "config.json" or p.suffix == ".safetensors"]
-        return {"base_model": name, "base_fingerprint": files_fingerprint(files)}
+        return {"base_model": name, "base_fingerprint": checkpoint_fingerprint(local)}
 
     # ------------------------------------------------------------------ the AWQ hook
 
@@ -190,9 +189,7 @@ class QuantLRM(AWQ):
         def compute() -> Signals:
             # Trace generation and the fine-tuning itself need the whole model on the device (the pipeline
             # keeps a layer-wise method's model on CPU); it goes back before the layer-wise pass.
-            home = next(model.parameters()).device
-            model.to(ctx.device)
-            try:
+            with on_device(model, ctx.device):
                 ids = get_ids()
                 examples, how = pft_examples(ids, tok, pft)
                 pad = getattr(tok, "pad_token_id", None)
@@ -201,8 +198,6 @@ class QuantLRM(AWQ):
                     with torch.no_grad():
                         sig = compute_signals(names, run.delta, ratio=cfg.ratio,
                                               zero_count_dtype=cfg.zero_count_dtype, progress=ctx.progress)
-            finally:
-                model.to(home)
             sig.extra = {"pft_steps": len(run.losses), "pft_data": how, "pft_examples": len(examples),
                          "pft_loss_tokens": int(sum(int((y[1:] != -100).sum()) for _, y in examples)),
                          "pft_loss_first": run.losses[0], "pft_loss_last": run.losses[-1]}

@@ -209,6 +209,15 @@ def _restore(model, opt, sched, state: dict) -> None:
         sched.load_state_dict(state["scheduler"])
 
 
+def _resume(state_file: StateFile, model, opt, sched, log_key: str) -> tuple[Optional[dict], int, list]:
+    """(saved state or None, step to start at, the log so far) — the model and optimizer restored if saved."""
+    saved = state_file.load()
+    if saved is None:
+        return None, 0, []
+    _restore(model, opt, sched, saved)
+    return saved, saved["step"], list(saved[log_key])
+
+
 # ------------------------------------------------------------------ losses
 
 def _shifted(logits: torch.Tensor, labels: torch.Tensor):
@@ -263,12 +272,7 @@ def train_qat(model, teacher, examples, cfg: ReasoningQATConfig, *, pad_id: int,
     groups = [{"params": weights, "lr": cfg.lr}] + ([{"params": scales, "lr": cfg.scale_lr}] if scales else [])
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup, cfg.steps))
-    losses: list[float] = []
-    start = 0
-    saved = state_file.load()
-    if saved is not None:
-        _restore(model, opt, sched, saved)
-        start, losses = saved["step"], list(saved["losses"])
+    _, start, losses = _resume(state_file, model, opt, sched, "losses")
     resumed_at = start
     rows_per_step = cfg.batch_size * cfg.grad_accum
     order = batch_order(len(examples), cfg.steps * rows_per_step, cfg.seed)
@@ -380,12 +384,7 @@ def train_grpo(model, tok, task, cfg: ReasoningQATConfig, *, device, state_file:
     pool = rl_examples(rc)
     params = _trainable(model)
     opt = torch.optim.AdamW(list(params.values()), lr=rc.lr, weight_decay=0.0)
-    rewards_log: list[float] = []
-    start = 0
-    saved = state_file.load()
-    if saved is not None:
-        _restore(model, opt, None, saved)
-        start, rewards_log = saved["step"], list(saved["rewards"])
+    saved, start, rewards_log = _resume(state_file, model, opt, None, "rewards")
     resumed_at = start
     ref = None
     if rc.kl_beta > 0:

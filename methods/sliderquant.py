@@ -56,6 +56,7 @@ import dataclasses
 import hashlib
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -69,7 +70,7 @@ from harness.quant.context import MethodConfig, QuantContext
 from harness.quant.quantizer import QuantSpec, _grouped, fake_quantize_ste, qparams_from_range, quantize_weight
 from harness.quant.rotation import check_rotatable, rotate_model
 from harness.quant.state import StateFile, TrainingStopped
-from harness.quant.runner import LayerwiseRunner, _check_windows, _first_tensor
+from harness.quant.runner import LayerwiseRunner, _check_windows, _first_tensor, on_device
 from harness.registry import register_method
 from harness.types import check_values, QuantizedLinear, QuantResult, UserError
 from methods.awq import SCALE_GROUPS, fold_scale, gqa_expand
@@ -285,6 +286,18 @@ class _SliderLinear(nn.Module):
                 "clip": [p for p in (self.clip_up, self.clip_low) if p is not None]}
 
 
+@contextmanager
+def _teacher(wrappers: list[_SliderLinear]):
+    """The wrapped linears compute as the original full-precision ones inside the block."""
+    for w in wrappers:
+        w.fp = True
+    try:
+        yield
+    finally:
+        for w in wrappers:
+            w.fp = False
+
+
 def _cast_layer(layer: nn.Module, dtype: torch.dtype, keep: set) -> torch.dtype:
     """Cast a layer's floating parameters and buffers to dtype, except the learnable ones (kept float32).
 
@@ -467,7 +480,7 @@ class SliderQuant:
         runner = win.runner
         nxt = windows[win.index + 1][0] if win.index + 1 < len(windows) else win.stop
         advance = nxt - win.start
-        learnable = {id(p) for i in range(win.start, win.stop) for p in self._learnable(i)}
+        learnable = {id(p) for i in range(win.start, win.stop) for p in self._named_learnable(i).values()}
         dtypes = [_cast_layer(layer, torch.float32, learnable) for layer in win.layers]
 
         def run(h, kws, layers=win.layers):
@@ -477,40 +490,26 @@ class SliderQuant:
                 outs.append(h)
             return outs
 
-        if (stage, win.index) in self._done:
-            # Trained before an interruption: its layers already hold their saved parameters, so the runner
-            # passes the quantized trajectory on exactly as it did; only the fp trajectory needs advancing.
-            if advance > 0:
-                with torch.no_grad():
-                    for w in wrappers:
-                        w.fp = True
-                    try:
-                        self._fp_hidden = [
-                            run(self._fp_hidden[b].to(win.device).float(), kws[:advance], win.layers[:advance])[-1]
-                            .to(runner.store_device, self._fp_hidden[b].dtype) for b, (_, kws) in enumerate(win.batches())]
-                    finally:
-                        for w in wrappers:
-                            w.fp = False
+        # A window trained before an interruption replays: its layers already hold their saved parameters,
+        # so the runner passes the quantized trajectory on exactly as it did; only the fp one needs advancing.
+        replay = (stage, win.index) in self._done
+        depth = advance if replay else len(win.layers)
+        # Full-precision targets (fp inputs through the original layers) and the next window's fp inputs.
+        targets, next_fp = [], []
+        if depth:
+            with torch.no_grad(), _teacher(wrappers):
+                for b, (_, kws) in enumerate(win.batches()):
+                    outs = run(self._fp_hidden[b].to(win.device).float(), kws[:depth], win.layers[:depth])
+                    if not replay:
+                        targets.append(outs[-1].to(runner.store_device))
+                    if advance > 0:
+                        next_fp.append(outs[advance - 1].to(runner.store_device, self._fp_hidden[b].dtype))
+        if advance > 0:
+            self._fp_hidden = next_fp
+        if replay:
             for layer, dt in zip(win.layers, dtypes):
                 _cast_layer(layer, dt, learnable)
             return
-
-        # Full-precision targets (fp inputs through the original layers) and the next window's fp inputs.
-        targets, next_fp = [], []
-        with torch.no_grad():
-            for w in wrappers:
-                w.fp = True
-            try:
-                for b, (_, kws) in enumerate(win.batches()):
-                    outs = run(self._fp_hidden[b].to(win.device).float(), kws)
-                    targets.append(outs[-1].to(runner.store_device))
-                    if advance > 0:
-                        next_fp.append(outs[advance - 1].to(runner.store_device, self._fp_hidden[b].dtype))
-            finally:
-                for w in wrappers:
-                    w.fp = False
-        if advance > 0:
-            self._fp_hidden = next_fp
 
         n_batches = len(runner.hidden)
 
@@ -572,24 +571,15 @@ class SliderQuant:
             _cast_layer(layer, dt, learnable)
         self._save_progress(stage, win, result)
 
-    def _learnable(self, i: int) -> list[nn.Parameter]:
-        ps = list(self._scales[i].parameters())
-        for w in self._wrapped[i].values():
-            for group in w.param_groups().values():
-                ps += group
-        return ps
-
     # -------------------------------------------------------------- folding and quantizing
 
     @torch.no_grad()
     def _finalize(self, runner, spec: QuantSpec, result: QuantResult) -> None:
         for i in sorted(self._wrapped):
             layer = runner.layers[i]
-            home = next(layer.parameters()).device
-            layer.to(runner.device)             # fold and quantize on the accelerator, one layer at a time
-            self._finalize_layer(runner, i, layer, self._wrapped.pop(i), spec, result)
+            with on_device(layer, runner.device):       # fold and quantize on the accelerator, one layer at a time
+                self._finalize_layer(runner, i, layer, self._wrapped.pop(i), spec, result)
             self._scales.pop(i)
-            layer.to(home)
 
     def _finalize_layer(self, runner, i, layer, wrapped, spec, result) -> None:
         """Fold 1/alpha into the preceding ops, quantize W * alpha + B A on the learned grid, swap in nn.Linear."""

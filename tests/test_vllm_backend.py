@@ -207,7 +207,7 @@ def test_fake_activation_quantization_never_reaches_vllm(monkeypatch, fake_vllm,
     with pytest.raises(UserError, match=r"backend=vllm cannot serve method.act_bits=4.*backend=hf"):
         run("backend=vllm", *W4A4, f"results_dir={tmp_path}", f"cache_dir={tmp_path / 'c'}")
     assert not list(tmp_path.rglob("config.yaml"))
-    monkeypatch.setattr(auto_backend, "choose", lambda device: ("vllm", "pretending to be a GPU host"))
+    monkeypatch.setattr(auto_backend, "environment", lambda device: ("vllm", "pretending to be a GPU host"))
     for seed in (0, 1):             # seed 1 reloads the checkpoint seed 0 made
         out = run("backend=auto", *W4A4, f"seed={seed}", f"results_dir={tmp_path}", f"cache_dir={tmp_path / 'c'}")
         assert out["act_bits"] == 4 and out["checkpoint"]["cached"] == (seed == 1)

@@ -1,4 +1,4 @@
-"""`backend=auto`: vLLM where it can run (CUDA and vllm importable), else the HF backend.
+"""`backend=auto`: vLLM where it can run (CUDA and vllm importable) and can serve the run's checkpoint, else HF.
 
 The `auto` node accepts the keys of both backends (its schema is their union), so one config —
 e.g. an experiment preset launched on GPU and CPU hosts alike — validates either way; the chosen
@@ -10,7 +10,7 @@ import dataclasses
 import typing
 
 from harness.backends.hf import HFBackendConfig
-from harness.backends.vllm import VLLMBackendConfig, vllm_available
+from harness.backends.vllm import VLLMBackendConfig, packed_problems, vllm_available
 from harness.registry import register_backend
 
 CANDIDATES = {"hf": HFBackendConfig, "vllm": VLLMBackendConfig}
@@ -30,13 +30,28 @@ def _union_config() -> type:
 AutoBackendConfig = _union_config()
 
 
-def choose(device) -> tuple[str, str]:
-    """(backend name, why) for this process."""
+def environment(device) -> tuple[str, str]:
+    """(backend name, why) for this process: can vLLM run here at all?"""
     if device.type != "cuda":
         return "hf", f"device is {device.type}"
     if not vllm_available():
         return "hf", "vllm is not installed (pip install -e \".[vllm]\")"
     return "vllm", "CUDA and vllm are available"
+
+
+def choose(device, act=None, checkpoint=None) -> tuple[str, str]:
+    """(backend name, why) for this run: vLLM where it runs and can serve what the run made, else HF.
+
+    act: the run's activation spec (fake activation quantization runs only in HF); checkpoint: the
+    directory vLLM would load (a packed one it cannot serve goes to HF)."""
+    if act is not None:
+        return "hf", f"activations are fake-quantized to {act.bits} bits"
+    name, why = environment(device)
+    if name == "vllm" and checkpoint is not None:
+        problems = packed_problems(checkpoint)
+        if problems:
+            return "hf", f"vLLM cannot serve this packed checkpoint: {problems[0]}"
+    return name, why
 
 
 def keys_for(name: str) -> set[str]:

@@ -78,6 +78,11 @@ def install(model: nn.Module, names: Iterable[str], act: ActSpec) -> None:
         setattr(mod, ATTR, act)
 
 
+def install_recorded(model: nn.Module, record: dict) -> None:
+    """install() from a QuantResult.activations / checkpoint record ({**ActSpec.to_dict(), "targets": [...]})."""
+    install(model, record["targets"], ActSpec.from_dict(record))
+
+
 def installed(model: nn.Module) -> Optional[ActSpec]:
     """The activation spec a model runs with, or None (weight-only / full precision)."""
     for mod in model.modules():
@@ -87,4 +92,4 @@ def installed(model: nn.Module) -> Optional[ActSpec]:
     return None
 
 
-__all__ = ["ActSpec", "fake_quantize_tokens", "install", "installed"]
+__all__ = ["ActSpec", "fake_quantize_tokens", "install", "install_recorded", "installed"]

@@ -149,7 +149,7 @@ def save_checkpoint(model: nn.Module, tokenizer, result: QuantResult, out_dir, e
         _check_layer(name, q, lin.weight)
         lin.weight.data.copy_(decode_weight(q, lin.weight.dtype).to(lin.weight.device))
     if result.activations:
-        actquant.install(model, result.activations["targets"], actquant.ActSpec.from_dict(result.activations))
+        actquant.install_recorded(model, result.activations)
 
     state_dict = None
     if export == "packed" and result.layers:
@@ -202,7 +202,7 @@ def load_checkpoint(path, dtype=None, device="cpu") -> nn.Module:
         model = _load_packed(path, qcfg, kwargs)
     acts = raw.get(PROVENANCE_KEY, {}).get("input_activations")
     if acts:
-        actquant.install(model, acts["targets"], actquant.ActSpec.from_dict(acts))
+        actquant.install_recorded(model, acts)
     return model.to(device).eval()
 
 

@@ -34,10 +34,8 @@ import hashlib
 import inspect
 import json
 import math
-import os
 import re
 import sys
-import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -98,14 +96,20 @@ class CheckpointWeights:
         return files_fingerprint({*self.files.values(), self.root / "config.json"})
 
 
-def resolve_checkpoint(name: str, revision: Optional[str] = None) -> Path:
-    """Local directory of a model: a toy zoo name, a local checkpoint dir, or a hub id (downloaded/cached)."""
+def local_checkpoint(name: str) -> Optional[Path]:
+    """The directory of a toy zoo name or a local checkpoint dir; None for anything else (a hub id)."""
     from harness.toy.build import TOY_MODELS, ensure_toy
     if name in TOY_MODELS:
         return ensure_toy(name)
     p = Path(name).expanduser()
-    if p.is_dir():
-        return p
+    return p if p.is_dir() else None
+
+
+def resolve_checkpoint(name: str, revision: Optional[str] = None) -> Path:
+    """Local directory of a model: a toy zoo name, a local checkpoint dir, or a hub id (downloaded/cached)."""
+    local = local_checkpoint(name)
+    if local is not None:
+        return local
     try:
         from huggingface_hub import snapshot_download
         return Path(snapshot_download(repo_id=name, revision=revision,
@@ -390,26 +394,18 @@ def load_or_compute(cache_dir: Optional[Path], key: dict, compute: Callable[[], 
     if cache_dir is None:
         return compute(), None, False
     from filelock import FileLock
+    from harness.quant.state import StateFile
     from harness.store import stable_hash
     root = Path(cache_dir).expanduser() / "quantlrm" / "signals"
     root.mkdir(parents=True, exist_ok=True)
     path = root / f"{stable_hash(key)}.pt"
+    cache = StateFile(path, key)
     with FileLock(str(path) + ".lock"):
-        if path.is_file():
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            if state.get("key_json") == json.dumps(key, sort_keys=True, default=str):
-                return Signals.from_state(state), path, True
+        state = cache.load()
+        if state is not None:
+            return Signals.from_state(state), path, True
         signals = compute()
-        state = signals.to_state()
-        state["key_json"] = json.dumps(key, sort_keys=True, default=str)
-        fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{path.stem}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        cache.save(signals.to_state())
     return signals, path, False
 
 

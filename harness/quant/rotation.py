@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from harness.quant.runner import on_device
 from harness.types import UserError
 
 PRE_NORM_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -59,24 +60,6 @@ def check_rotatable(model: nn.Module) -> None:
                         f"{', '.join(PRE_NORM_TYPES)} (pre-norm decoders with RMSNorm); set method.rotate=false")
 
 
-class _On:
-    """A module moved to `device` for the block (float64 matmuls of a big model belong on the GPU), then home."""
-
-    def __init__(self, module: nn.Module, device):
-        self.module, self.device = module, device
-        p = next(module.parameters(), None)
-        self.home = p.device if p is not None else None
-
-    def __enter__(self):
-        if self.device is not None:
-            self.module.to(self.device)
-        return self.module
-
-    def __exit__(self, *exc):
-        if self.device is not None and self.home is not None:
-            self.module.to(self.home)
-
-
 @torch.no_grad()
 def rotate_model(model: nn.Module, seed: int = 0, device=None) -> torch.Tensor:
     """Fold the norms and rotate the residual stream in place; returns Q (float64).
@@ -90,13 +73,13 @@ def rotate_model(model: nn.Module, seed: int = 0, device=None) -> torch.Tensor:
         head.weight = nn.Parameter(emb.weight.detach().clone())
         model.config.tie_word_embeddings = False
     q = random_orthogonal(model.config.hidden_size, seed)
-    with _On(head, device), _On(base.norm, device):
+    with on_device(head, device), on_device(base.norm, device):
         _fold_norm(base.norm, [head])
         _read(head, q)
-    with _On(emb, device):
+    with on_device(emb, device):
         emb.weight.data = (emb.weight.data.double() @ q.to(emb.weight.device)).to(emb.weight.dtype)
     for layer in base.layers:
-        with _On(layer, device):
+        with on_device(layer, device):
             attn, mlp = layer.self_attn, layer.mlp
             _fold_norm(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj])
             _fold_norm(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])

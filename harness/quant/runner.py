@@ -67,6 +67,21 @@ def _module_device(mod: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+@contextmanager
+def on_device(module: nn.Module, device):
+    """`module` on `device` for the block, then back where it was (None: left where it is). The pipeline
+    keeps a layer-wise method's model on CPU; whole-model work (generation, a fine-tune, float64
+    rotation matmuls) borrows the device for a while."""
+    home = _module_device(module)
+    if device is not None:
+        module.to(device)
+    try:
+        yield module
+    finally:
+        if device is not None:
+            module.to(home)
+
+
 def _to(obj, device):
     """Move tensors (also inside tuples/lists/dicts) to `device`; other objects unchanged."""
     if isinstance(obj, torch.Tensor):

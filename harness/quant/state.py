@@ -7,12 +7,12 @@ again with the same key, carries on from there and reaches the same result as an
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from harness.store import save_torch_atomic
 
 
 class TrainingStopped(RuntimeError):
@@ -33,17 +33,8 @@ class StateFile:
         return state if state.get("key_json") == self.key_json else None
 
     def save(self, state: dict) -> None:
-        if self.path is None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save({**state, "key_json": self.key_json}, tmp)
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        if self.path is not None:
+            save_torch_atomic(self.path, {**state, "key_json": self.key_json})
 
     def remove(self) -> None:
         if self.path is not None and self.path.is_file():
