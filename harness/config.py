@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from harness import registry
-from harness.backends.vllm import PACKED_BITS as VLLM_PACKED_BITS
+from harness.backends.vllm import PACKED_BITS as VLLM_PACKED_BITS, packed_bits_text
 from harness.quant.quantizer import QuantSpec
 from harness.types import check_values, Sampling, UserError
 
@@ -174,10 +174,10 @@ def validate(cfg: DictConfig) -> RunSpec:
         raise UserError(f"backend=vllm cannot serve method.act_bits={act.bits}: vLLM cannot run fake activation "
                         f"quantization; allowed: backend=hf or backend=auto (which picks hf for it)")
     if backend_node.name == "vllm" and top.export == "packed" and getattr(method_cls, "quantizes", True) \
-            and spec.bits not in VLLM_PACKED_BITS:
-        raise UserError(f"backend=vllm cannot serve export=packed at quant.bits={spec.bits}: vLLM's kernels take "
-                        f"{' or '.join(map(str, VLLM_PACKED_BITS))}-bit packed weights; allowed: export=fake "
-                        f"(dequantized weights, any bits) or backend=hf")
+            and spec.bits not in VLLM_PACKED_BITS[spec.sym]:
+        raise UserError(f"backend=vllm cannot serve export=packed at quant.bits={spec.bits} quant.sym={spec.sym}: "
+                        f"vLLM's kernels take {packed_bits_text(spec.sym)} packed weights; allowed: export=fake "
+                        f"(dequantized weights, any bits), quant.sym=true (4 or 8 bits), or backend=hf")
     getattr(backend_cls, "preflight", lambda: None)()            # e.g. backend=vllm without vllm installed
     sampling = resolve_sampling(task_cfg.sampling, top.sampling, model, top.seed)
     return RunSpec(model=model, method_cls=method_cls, method_cfg=method_cfg, task_cls=task_cls, task_cfg=task_cfg,

@@ -48,6 +48,7 @@ class Sampling:
     top_k: int = 0                      # 0 = off
     max_new_tokens: int = 256
     seed: int = 0
+    max_model_len: Optional[int] = None  # prompt + generation tokens per row (None: no cap)
 
 
 @dataclass
@@ -58,8 +59,8 @@ class Completion:
 
 
 class Backend(Protocol):
-    def generate(self, prompts: list[str], sampling: Sampling,
-                 seeds: list[list[int]] | None = None) -> list[list[Completion]]: ...
+    def generate(self, prompts: list[str], sampling: Sampling, seeds: list[list[int]] | None = None,
+                 on_sample=None) -> list[list[Completion]]: ...   # on_sample(i, j, completion) as each finishes
 
 
 # ---------------------------------------------------------------- quantization

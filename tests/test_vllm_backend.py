@@ -2,7 +2,6 @@
 exactly what the engine receives (vLLM itself needs a GPU host)."""
 import json
 import sys
-import types
 from dataclasses import fields
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,56 +16,26 @@ from harness.backends.vllm import VLLMBackend, VLLMBackendConfig
 from harness.cli import CONF_DIR, execute, summary_row
 from harness.seeding import sample_seed
 from harness.types import UserError
+from vllm_standin import StandInVLLM
 
 FIELDS_OF_SAMPLING_PARAMS = ("n", "temperature", "top_p", "top_k", "max_tokens", "seed", "stop_token_ids",
                              "skip_special_tokens")
 
 
-class StandInVLLM:
-    """A module object standing in for `vllm`: LLM and SamplingParams with vLLM's keyword names."""
-
-    def __init__(self, eos_text="<|im_end|>"):
-        self.engines = []
-        self.module = types.ModuleType("vllm")
-        outer = self
-
-        class SamplingParams:
-            def __init__(self, *, n=1, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=16, seed=None,
-                         stop_token_ids=None, skip_special_tokens=True):
-                self.n, self.temperature, self.top_p, self.top_k = n, temperature, top_p, top_k
-                self.max_tokens, self.seed, self.stop_token_ids = max_tokens, seed, stop_token_ids
-                self.skip_special_tokens = skip_special_tokens
-
-        class LLM:
-            def __init__(self, **kwargs):
-                self.kwargs, self.calls = kwargs, []
-                outer.engines.append(self)
-
-            def generate(self, prompts, sampling_params, use_tqdm=True):
-                assert isinstance(sampling_params, list) and len(sampling_params) == len(prompts)
-                self.calls.append((list(prompts), list(sampling_params)))
-                outs = []
-                for p, sp in zip(prompts, sampling_params):
-                    # A reply that depends on the request's own seed; every third one runs out of tokens.
-                    k = sp.seed % 1000
-                    if k % 3 == 0:
-                        o = SimpleNamespace(text=f"<think> {k}", token_ids=list(range(sp.max_tokens)),
-                                            finish_reason="length")
-                    else:   # vLLM may or may not leave the stop token's text in: the backend strips it
-                        o = SimpleNamespace(text=f"<think> {k} </think> \\boxed{{{k}}}" + (eos_text if k % 2 else ""),
-                                            token_ids=list(range(5 + k % 7)), finish_reason="stop")
-                    outs.append(SimpleNamespace(prompt_token_ids=p["prompt_token_ids"], outputs=[o]))
-                return outs
-
-        self.module.LLM, self.module.SamplingParams = LLM, SamplingParams
-        self.module.__version__ = "stand-in"
-
-
 @pytest.fixture
 def fake_vllm(monkeypatch):
     stand_in = StandInVLLM()
-    monkeypatch.setitem(sys.modules, "vllm", stand_in.module)
+    stand_in.install(_Patched(monkeypatch))
     return stand_in
+
+
+class _Patched:
+    """sys.modules through monkeypatch (undone after the test)."""
+    def __init__(self, monkeypatch):
+        self.mp = monkeypatch
+
+    def __setitem__(self, k, v):
+        self.mp.setitem(sys.modules, k, v)
 
 
 def run(*overrides):
@@ -90,8 +59,9 @@ def test_engine_receives_every_sample_as_one_seeded_request(fake_vllm, tmp_path)
     assert engine.kwargs == {"model": str(ckpt), "tensor_parallel_size": 1, "gpu_memory_utilization": 0.9,
                              "enforce_eager": False, "dtype": "auto", "seed": 3, "trust_remote_code": False}
     assert json.loads((ckpt / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
-    # One call: 6 prompts x 2 samples, one n=1 request each, seeded per (example, sample).
-    [(prompts, params)] = engine.calls
+    # 6 prompts x 2 samples, one n=1 request each, seeded per (example, sample), all in the engine at once.
+    requests = engine.llm_engine.requests
+    prompts, params = [r[1] for r in requests], [r[2] for r in requests]
     assert len(prompts) == len(params) == 12
     recs = records(tmp_path, "rtn-w4g128", seed=3)
     from transformers import AutoTokenizer
@@ -137,9 +107,10 @@ def test_stream_rows_chunks_and_engine_options(fake_vllm, tmp_path):
                                           "gpu_memory_utilization")} == \
         {"max_model_len": 512, "tensor_parallel_size": 2, "enforce_eager": True, "dtype": "float32",
          "gpu_memory_utilization": 0.5}
-    assert [len(c[0]) for c in engine.calls] == [5, 5, 2]             # the pipeline appends after each
+    requests = engine.llm_engine.requests
+    assert len(requests) == 12 and not engine.llm_engine.running
     assert len(records(tmp_path, "fp")) == 12
-    assert all(sp.temperature == 0.0 for c in engine.calls for sp in c[1])   # arith's greedy default
+    assert all(sp.temperature == 0.0 for _, _, sp in requests)   # arith's greedy default
 
 
 def test_missing_vllm_is_a_clear_error_before_anything_runs(monkeypatch, tmp_path):
@@ -246,3 +217,86 @@ def test_packed_problems_reads_the_compressed_tensors_config(tmp_path):
     assert any("2-bit" in p for p in write({"group_0": {"weights": {"num_bits": 2}, "targets": ["Linear"]}}, []))
     (tmp_path / "config.json").write_text("{}")
     assert packed_problems(tmp_path) == []
+
+
+# ---------------------------------------------------------------- streaming and the context cap, backend level
+
+class _Tok:
+    """Whitespace 'tokenizer': a prompt of k words is k tokens."""
+    eos_token_id, unk_token_id = 2, None
+
+    def encode(self, text, add_special_tokens=False):
+        return [7] * len(text.split())
+
+    def convert_tokens_to_ids(self, t):
+        return None
+
+    def convert_ids_to_tokens(self, i):
+        return "<e>"
+
+
+def backend(tmp_path, **cfg):
+    return VLLMBackend(VLLMBackendConfig(**cfg), model_path=str(tmp_path), tokenizer=_Tok(), progress=False)
+
+
+def test_each_finished_request_reaches_on_sample_while_the_engine_runs(fake_vllm, tmp_path):
+    from harness.types import Sampling
+    b = backend(tmp_path)
+    seen, unfinished_then = [], []
+
+    def on_sample(i, j, c):
+        seen.append((i, j, c))
+        unfinished_then.append(len(fake_vllm.engines[0].llm_engine.running))
+    prompts = ["a b", "a b c d", "a"]
+    seeds = [[10, 11], [12], [13, 14, 15]]
+    out = b.generate(prompts, Sampling(max_new_tokens=20), seeds, on_sample=on_sample)
+    [engine] = fake_vllm.engines
+    # Streamed in the engine's finishing order (not submission order), one call per sample, while others still ran.
+    assert [f"{i}-{j}" for i, j, _ in seen] == [r.split("-", 1)[1] for r in engine.llm_engine.finished_order]
+    assert sorted((i, j) for i, j, _ in seen) == [(0, 0), (0, 1), (1, 0), (2, 0), (2, 1), (2, 2)]
+    assert unfinished_then == [5, 4, 3, 2, 1, 0]
+    assert [(i, j) for i, j, _ in seen] != sorted((i, j) for i, j, _ in seen)
+    for i, j, c in seen:
+        assert out[i][j] is c and c.finish_reason in ("stop", "length")
+    assert {r[2].seed for r in engine.llm_engine.requests} == set(range(10, 16))
+
+
+def test_a_failing_callback_aborts_what_is_still_in_the_engine(fake_vllm, tmp_path):
+    from harness.types import Sampling
+    b = backend(tmp_path)
+
+    def on_sample(i, j, c):
+        raise OSError("disk full")
+    with pytest.raises(OSError):
+        b.generate(["a", "b", "c"], Sampling(max_new_tokens=8), [[1], [2], [3]], on_sample=on_sample)
+    engine = fake_vllm.engines[0].llm_engine
+    assert len(engine.aborted) == 2 and not engine.running
+
+
+def test_max_model_len_caps_each_request_and_sizes_the_engine(fake_vllm, tmp_path):
+    from harness.types import Sampling
+    b = backend(tmp_path)
+    seen = []
+    # 3-, 8- and 12-token prompts under a 10-token context with max_new_tokens 5
+    prompts = [" ".join("x" * 3), " ".join("x" * 8), " ".join("x" * 12)]
+    out = b.generate(prompts, Sampling(max_new_tokens=5, max_model_len=10), [[100], [101], [102]],
+                     on_sample=lambda i, j, c: seen.append((i, j)))
+    [engine] = fake_vllm.engines
+    assert engine.kwargs["max_model_len"] == 10
+    sent = {len(p["prompt_token_ids"]): sp.max_tokens for _, p, sp in engine.llm_engine.requests}
+    assert sent == {3: 5, 8: 2}                       # min(max_new_tokens, max_model_len - prompt tokens)
+    # the 12-token prompt leaves no room: recorded as cut by length, never sent
+    assert (out[2][0].text, out[2][0].n_tokens, out[2][0].finish_reason) == ("", 0, "length")
+    assert sorted(seen) == [(0, 0), (1, 0), (2, 0)]
+
+
+def test_engine_context_is_checked_against_the_run_before_the_engine_starts(fake_vllm, tmp_path):
+    from harness.types import Sampling
+    with pytest.raises(UserError, match=r"backend.max_model_len=8 is below sampling.max_model_len=10"):
+        backend(tmp_path, max_model_len=8).generate(["a"], Sampling(max_model_len=10), [[1]])
+    with pytest.raises(UserError, match=r"backend.max_model_len=20 cannot hold the longest prompt \(4 tokens\) "
+                                        r"\+ sampling.max_new_tokens=30.*sampling.max_model_len=20"):
+        backend(tmp_path, max_model_len=20).generate(["a b c d", "a"], Sampling(max_new_tokens=30), [[1], [2]])
+    assert not fake_vllm.engines                      # refused before any engine was built
+    backend(tmp_path, max_model_len=40).generate(["a b c d"], Sampling(max_new_tokens=30), [[1]])
+    assert fake_vllm.engines[0].kwargs["max_model_len"] == 40

@@ -1,12 +1,27 @@
-"""vLLM offline engine: every (prompt, sample) of a pipeline chunk goes to the engine in one call.
+"""vLLM offline engine, driven step by step: each (prompt, sample) is a request, and each request that finishes
+is handed to the caller (`on_sample`) at once, so a preempted job loses only the requests in flight.
+
+Why step by step rather than `LLM.generate` on chunks: `LLM.generate` returns only when every request it was
+given is done, so either a chunk is the whole run (a kill loses everything) or chunks are small and the engine
+idles at the end of each while its longest reasoning trace finishes (long-tailed lengths: the batch drains to a
+few rows). `LLM.generate` itself adds every request and then loops `llm_engine.step()`; this backend does the
+same loop through vLLM's documented engine API (`add_request` / `step` / `has_unfinished_requests`, as in vLLM's
+`llm_engine_example.py`), so the scheduler sees the same full queue and throughput is that of one big call.
 
 Each sample is its own request (`SamplingParams(n=1, seed=<that sample's seed>)`), so sample j of
-example e draws from the same seed whichever chunk it lands in and whether the run was resumed —
-the same contract as the HF backend. Prompts arrive chat-rendered; they are tokenized here exactly
-as the HF backend does (`add_special_tokens=False`: the chat template already wrote any BOS) and
-handed to the engine as token ids, so both engines see the same input. The engine loads the
-checkpoint directory itself: `export=fake` checkpoints are plain dense models, `export=packed`
-ones carry a compressed-tensors `quantization_config` that vLLM reads to pick its low-bit kernels.
+example e draws from the same seed whichever call it lands in and whether the run was resumed —
+the same seeding contract as the HF backend, but NOT the same bits: vLLM's kernels are not batch-invariant
+(the numbers depend on which requests share a step), so a resumed or re-run vLLM sample can differ from an
+uninterrupted run's; HF-backend reruns are bit-identical. Prompts arrive chat-rendered; they are tokenized
+here exactly as the HF backend does (`add_special_tokens=False`: the chat template already wrote any BOS) and
+handed to the engine as token ids, so both engines see the same input. The engine loads the checkpoint
+directory itself: `export=fake` checkpoints are plain dense models, `export=packed` ones carry a
+compressed-tensors `quantization_config` that vLLM reads to pick its low-bit kernels.
+
+Context: `sampling.max_model_len` (prompt + generation) caps each request at
+min(max_new_tokens, max_model_len - prompt tokens) and sizes the engine; a prompt that leaves no room is
+recorded as finish_reason "length" with empty text. An engine context (`backend.max_model_len`) that would
+cut generations the protocol allows is refused before the engine starts.
 
 vLLM is an optional extra for GPU hosts (`pip install -e ".[vllm]"`); it is imported only when an
 engine is built, so this module imports (and its config validates) anywhere.
@@ -14,20 +29,31 @@ engine is built, so this module imports (and its config validates) anywhere.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Optional
+from typing import Callable, Optional
+
+from tqdm.auto import tqdm
 
 from harness.registry import register_backend
 from harness.types import check_values, Completion, Sampling, UserError
 
 INSTALL_HINT = 'pip install -e ".[vllm]"'
-# vLLM's compressed-tensors weight-only kernels (WNA16: Marlin / machete) take 4- and 8-bit integer
-# weights; a packed W2/W3 checkpoint fails inside the engine. Dequantized (export=fake) ones load anywhere.
-PACKED_BITS = (4, 8)
+# What vLLM 0.32 serves from a compressed-tensors pack-quantized checkpoint (read in its code, not run here):
+# CompressedTensorsWNA16 takes WNA16_SUPPORTED_TYPES_MAP = {4: uint4b8, 8: uint8b128} (symmetric), and with
+# zero points WNA16_ZP_SUPPORTED_TYPES_MAP = {4: uint4, 8: uint8}; its Marlin kernel then takes zero points only
+# as uint4 (marlin_utils.query_marlin_supported_quant_types(has_zp=True) == [uint4]). So: symmetric 4 or 8
+# bits, asymmetric 4 bits. A packed W2/W3 (or asymmetric W8) checkpoint fails inside the engine; dequantized
+# (export=fake) ones load anywhere.
+PACKED_BITS = {True: (4, 8), False: (4,)}      # sym -> bit widths vLLM's kernels take
+
+
+def packed_bits_text(sym: bool) -> str:
+    return f"{' or '.join(map(str, PACKED_BITS[sym]))}-bit {'symmetric' if sym else 'asymmetric (zero-point)'}"
 # vLLM merges these projections into one matmul (QKVParallelLinear, MergedColumnParallelLinear): their
 # quantization must agree, quantized together with one scheme or all left in full precision.
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -72,9 +98,11 @@ def packed_problems(model_path) -> list[str]:
         return []
     problems, scheme_of = [], {}
     for gname, g in (q.get("config_groups") or {}).items():
-        bits = (g.get("weights") or {}).get("num_bits")
-        if bits not in PACKED_BITS:
-            problems.append(f"{gname} packs {bits}-bit weights (vLLM's kernels take {' or '.join(map(str, PACKED_BITS))})")
+        w = g.get("weights") or {}
+        bits, sym = w.get("num_bits"), bool(w.get("symmetric", True))
+        if bits not in PACKED_BITS[sym]:
+            problems.append(f"{gname} packs {bits}-bit {'symmetric' if sym else 'asymmetric'} weights "
+                            f"(vLLM's kernels take {packed_bits_text(sym)})")
         for t in g.get("targets", []):
             scheme_of[t] = gname
     for name in q.get("ignore", []):
@@ -146,55 +174,135 @@ class VLLMBackend:
         # The same stop set as the HF backend: tokenizer eos, generation_config eos, chat end tokens.
         self.stop_ids = stop_token_ids(tokenizer, _generation_eos(self.model_path))
         self.stop_texts = sorted({tokenizer.convert_ids_to_tokens(t) for t in self.stop_ids} - {None}, key=len, reverse=True)
-        self._llm = None
+        self._llm, self._max_len = None, None
+        self._request_ids = itertools.count()
 
-    @property
-    def llm(self):
+    def engine(self, sampling: Sampling):
         """The engine, built on first use (a resumed run with nothing left to generate never starts one)."""
-        if self._llm is None:
-            try:
-                import vllm
-            except ImportError as e:
-                raise UserError(f"{missing_vllm_message()} (import failed: {e})") from None
-            kwargs = dict(model=self.model_path, tensor_parallel_size=self.cfg.tensor_parallel_size,
-                          gpu_memory_utilization=self.cfg.gpu_memory_utilization,
-                          enforce_eager=self.cfg.enforce_eager, dtype=self.cfg.dtype, seed=self.cfg.seed,
-                          trust_remote_code=self.trust_remote_code)
-            if self.cfg.max_model_len is not None:
-                kwargs["max_model_len"] = self.cfg.max_model_len
-            if self.revision is not None:
-                kwargs["revision"] = self.revision
-            self._llm = vllm.LLM(**kwargs)
+        max_len = self.engine_max_model_len(sampling)
+        if self._llm is not None:
+            if max_len != self._max_len:
+                raise RuntimeError(f"engine started with max_model_len={self._max_len}, asked for {max_len}")
+            return self._llm
+        try:
+            import vllm
+        except ImportError as e:
+            raise UserError(f"{missing_vllm_message()} (import failed: {e})") from None
+        kwargs = dict(model=self.model_path, tensor_parallel_size=self.cfg.tensor_parallel_size,
+                      gpu_memory_utilization=self.cfg.gpu_memory_utilization,
+                      enforce_eager=self.cfg.enforce_eager, dtype=self.cfg.dtype, seed=self.cfg.seed,
+                      trust_remote_code=self.trust_remote_code)
+        if max_len is not None:
+            kwargs["max_model_len"] = max_len
+        if self.revision is not None:
+            kwargs["revision"] = self.revision
+        self._llm, self._max_len = vllm.LLM(**kwargs), max_len
         return self._llm
 
-    def sampling_params(self, sampling: Sampling, seed: int):
+    def sampling_params(self, sampling: Sampling, seed: int, max_tokens: int):
         from vllm import SamplingParams
-        return SamplingParams(n=1, temperature=sampling.temperature, top_p=sampling.top_p,
-                              top_k=sampling.top_k if sampling.top_k > 0 else -1,   # vLLM: -1 = off
-                              max_tokens=sampling.max_new_tokens, seed=seed, stop_token_ids=list(self.stop_ids),
-                              skip_special_tokens=False)                          # as the HF backend decodes
+        sp = SamplingParams(n=1, temperature=sampling.temperature, top_p=sampling.top_p,
+                            top_k=sampling.top_k if sampling.top_k > 0 else -1,   # vLLM: -1 = off
+                            max_tokens=max_tokens, seed=seed, stop_token_ids=list(self.stop_ids),
+                            skip_special_tokens=False)                          # as the HF backend decodes
+        try:    # only the final output of each request, as LLM.generate asks for (no per-step copies)
+            from vllm.sampling_params import RequestOutputKind
+            sp.output_kind = RequestOutputKind.FINAL_ONLY
+        except ImportError:
+            pass
+        return sp
 
-    def generate(self, prompts: list[str], sampling: Sampling,
-                 seeds: list[list[int]] | None = None) -> list[list[Completion]]:
-        """All samples of all prompts in one engine call; seeds[i][j] seeds sample j of prompt i."""
+    def budgets(self, lengths: list[int], sampling: Sampling) -> list[int]:
+        """Generation budget per prompt: min(max_new_tokens, max_model_len - prompt tokens) (<= 0: no room).
+
+        Checked before the engine starts: an engine context shorter than the run's protocol would cut
+        generations the protocol allows, silently; that is refused here, naming the keys."""
+        cap, engine = getattr(sampling, "max_model_len", None), self.cfg.max_model_len
+        if cap is not None and engine is not None and engine < cap:
+            raise UserError(f"backend.max_model_len={engine} is below sampling.max_model_len={cap}: the engine would "
+                            f"cut generations the protocol allows. Allowed: backend.max_model_len >= {cap}, or null "
+                            f"(the engine then takes sampling.max_model_len)")
+        if cap is None and engine is not None and lengths:
+            longest = max(lengths)
+            if longest + sampling.max_new_tokens > engine:
+                raise UserError(f"backend.max_model_len={engine} cannot hold the longest prompt ({longest} tokens) + "
+                                f"sampling.max_new_tokens={sampling.max_new_tokens}; the engine would cut those "
+                                f"generations short. Allowed: backend.max_model_len >= {longest + sampling.max_new_tokens}, "
+                                f"or sampling.max_model_len={engine} to make the cap part of the protocol (recorded "
+                                f"per sample as finish_reason 'length')")
+        if cap is None:
+            return [sampling.max_new_tokens] * len(lengths)
+        return [min(sampling.max_new_tokens, cap - n) for n in lengths]
+
+    def engine_max_model_len(self, sampling: Sampling) -> Optional[int]:
+        return self.cfg.max_model_len if self.cfg.max_model_len is not None else getattr(sampling, "max_model_len", None)
+
+    def generate(self, prompts: list[str], sampling: Sampling, seeds: list[list[int]] | None = None,
+                 on_sample: Optional[Callable[[int, int, Completion], None]] = None) -> list[list[Completion]]:
+        """All samples of all prompts; seeds[i][j] seeds sample j of prompt i.
+
+        Every (prompt, sample) is one request, all added to the engine at once (its scheduler keeps the
+        batch full, exactly as `LLM.generate` does); the engine is then stepped and each request that
+        finishes goes to `on_sample(i, j, completion)` at once, so a kill loses only what is in flight."""
         if seeds is None:       # the HF backend's default, so both engines agree without the pipeline
             seeds = [[sampling.seed * 1_000_003 + i * 1009 + j for j in range(sampling.n)] for i in range(len(prompts))]
-        requests, params, where = [], [], []
-        for i, (prompt, seed_list) in enumerate(zip(prompts, seeds)):
-            ids = self.tok.encode(prompt, add_special_tokens=False)
-            for j, seed in enumerate(seed_list):
-                requests.append({"prompt_token_ids": ids})
-                params.append(self.sampling_params(sampling, seed))
-                where.append((i, j))
+        encoded = [self.tok.encode(p, add_special_tokens=False) for p in prompts]
+        budget = self.budgets([len(e) for i, e in enumerate(encoded) if seeds[i]], sampling)
+        budget_of = dict(zip([i for i in range(len(prompts)) if seeds[i]], budget))
         out: list[list[Completion | None]] = [[None] * len(s) for s in seeds]
-        if not requests:
-            return out  # type: ignore[return-value]
-        results = self.llm.generate(requests, params, use_tqdm=self.progress)
-        if len(results) != len(requests):
-            raise RuntimeError(f"vLLM returned {len(results)} outputs for {len(requests)} requests")
-        for (i, j), res in zip(where, results):
-            out[i][j] = self._completion(res.outputs[0])
+
+        def finish(i: int, j: int, c: Completion) -> None:
+            out[i][j] = c
+            if on_sample is not None:
+                on_sample(i, j, c)
+
+        rows = []
+        for i, seed_list in enumerate(seeds):
+            for j, seed in enumerate(seed_list):
+                if budget_of[i] <= 0:       # the prompt alone fills the context: nothing can be generated
+                    finish(i, j, Completion(text="", n_tokens=0, finish_reason="length"))
+                else:
+                    rows.append((i, j, seed))
+        if rows:
+            self._run(rows, encoded, budget_of, sampling, finish)
         return out  # type: ignore[return-value]
+
+    def _run(self, rows, encoded, budget_of, sampling: Sampling, finish) -> None:
+        engine = self.engine(sampling).llm_engine
+        pending: dict[str, tuple[int, int]] = {}
+        bar = tqdm(total=len(rows), desc="generate", unit="sample", disable=not self.progress)
+        try:
+            for i, j, seed in rows:
+                rid = f"rq{next(self._request_ids)}-{i}-{j}"
+                got = engine.add_request(rid, {"prompt_token_ids": encoded[i]},
+                                         self.sampling_params(sampling, seed, budget_of[i]))
+                pending[rid] = (i, j)
+                if isinstance(got, str) and got != rid:     # an engine that renames requests: know both names
+                    pending[got] = (i, j)
+            left = len(rows)
+            while left:
+                if not engine.has_unfinished_requests():
+                    raise RuntimeError(f"vLLM stopped with {left} of {len(rows)} requests unanswered")
+                for res in engine.step():
+                    if not getattr(res, "finished", True):
+                        continue
+                    where = pending.pop(res.request_id, None)
+                    if where is None:
+                        continue
+                    for k in [k for k, v in pending.items() if v == where]:
+                        del pending[k]
+                    left -= 1
+                    finish(*where, self._completion(res.outputs[0]))
+                    bar.update(1)
+        except BaseException:
+            if pending:     # leave the engine clean (an exception in on_sample, a KeyboardInterrupt)
+                try:
+                    engine.abort_request(list(pending))
+                except Exception:
+                    pass
+            raise
+        finally:
+            bar.close()
 
     def _completion(self, o) -> Completion:
         if o.finish_reason not in ("stop", "length"):
