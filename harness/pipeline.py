@@ -149,6 +149,9 @@ class Timer:
     def __init__(self):
         self.seconds: dict[str, float] = {}
 
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
     @contextmanager
     def stage(self, name: str):
         t0 = time.perf_counter()
@@ -258,6 +261,12 @@ def make_backend(spec: RunSpec, model, tok, device, ckpt_path: str):
 
 
 def generate_and_score(spec: RunSpec, task, examples, backend, tok, store: SampleStore, timer: Timer) -> None:
+    """Generate every pending (example, sample) and store each one, scored, the moment it finishes.
+
+    All pending rows go to the backend in one call (a backend that caps its calls, `stream_rows`, gets
+    them in chunks of that size); its on_sample callback scores the sample and appends it to the
+    store, so a kill loses only the rows in flight and a rerun generates exactly those.
+    """
     by_id = {ex.id: ex for ex in examples}
     if len(by_id) != len(examples):
         raise UserError(f"task {task.name}: example ids are not unique")
@@ -267,30 +276,41 @@ def generate_and_score(spec: RunSpec, task, examples, backend, tok, store: Sampl
     if not pending:
         return
     log(f"{len(pending)} samples to generate ({len(done)} already in {store.path})")
-    # Sorted by prompt length so similar lengths share a batch (less padding).
     pending.sort(key=lambda r: len(prompts[r[0]]))
-    chunk = getattr(backend, "stream_rows", None) or getattr(backend.cfg, "batch_size", 64)
+    chunk = getattr(backend, "stream_rows", None) or len(pending)
     bar = tqdm(total=len(pending), desc=f"generate {task.name}", unit="sample", disable=not spec.top.progress)
+    scoring = 0.0
     for start in range(0, len(pending), chunk):
         rows = pending[start:start + chunk]
         ids = list(dict.fromkeys(r[0] for r in rows))
         per_id = {i: [j for (k, j) in rows if k == i] for i in ids}
         seeds = [[sample_seed(spec.sampling.seed, i, j) for j in per_id[i]] for i in ids]
-        with timer.stage("generate"):
-            outs = backend.generate([prompts[i] for i in ids], spec.sampling, seeds)
-        recs = []
-        with timer.stage("score"):
-            for i, seed_list, comps in zip(ids, seeds, outs):
-                ex = by_id[i]
-                for j, seed, c in zip(per_id[i], seed_list, comps):
-                    s = task.score(ex, closed_think_prefill(prompts[i]) + c.text, c.finish_reason)
-                    recs.append({"id": i, "sample": j, "seed": seed, "prompt": prompts[i], "completion": c.text,
-                                 "n_tokens": c.n_tokens, "finish_reason": c.finish_reason, "gold": ex.gold,
-                                 "parsed": s.parsed, "correct": bool(s.correct), "truncated": bool(s.truncated),
-                                 "meta": ex.meta, "extra": s.extra})
-        store.append(recs)
-        bar.update(len(recs))
+
+        def on_sample(k: int, m: int, c, ids=ids, per_id=per_id, seeds=seeds) -> None:
+            nonlocal scoring
+            t0 = time.perf_counter()
+            i = ids[k]
+            store.append([sample_record(task, by_id[i], per_id[i][m], seeds[k][m], prompts[i], c)])
+            scoring += time.perf_counter() - t0
+            bar.update(1)
+
+        t0 = time.perf_counter()
+        try:
+            backend.generate([prompts[i] for i in ids], spec.sampling, seeds, on_sample=on_sample)
+        finally:        # generation and scoring interleave: split the wall time between the two stages
+            timer.add("generate", time.perf_counter() - t0 - scoring)
+            timer.add("score", scoring)
+            scoring = 0.0
     bar.close()
+
+
+def sample_record(task, ex, j: int, seed: int, prompt: str, c) -> dict:
+    """One samples.jsonl line: sample j of example ex, scored."""
+    s = task.score(ex, closed_think_prefill(prompt) + c.text, c.finish_reason)
+    return {"id": ex.id, "sample": j, "seed": seed, "prompt": prompt, "completion": c.text,
+            "n_tokens": c.n_tokens, "finish_reason": c.finish_reason, "gold": ex.gold,
+            "parsed": s.parsed, "correct": bool(s.correct), "truncated": bool(s.truncated),
+            "meta": ex.meta, "extra": s.extra}
 
 
 def closed_think_prefill(prompt: str) -> str:

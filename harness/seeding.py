@@ -41,8 +41,11 @@ def _mix(z: torch.Tensor) -> torch.Tensor:
     return z ^ _shr(z, 31)
 
 
-def uniform_noise(seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
-    """U(0,1) noise of shape [len(seeds), vocab], a pure function of (seed, step, token id)."""
+def uniform_noise(seeds: torch.Tensor, step: int | torch.Tensor, vocab: int) -> torch.Tensor:
+    """U(0,1) noise of shape [len(seeds), vocab], a pure function of (seed, step, token id).
+
+    `step` is one int for every row or a tensor with each row's own step (continuous batching: rows
+    that joined the batch at different times are at different steps)."""
     dev = seeds.device
     row = _mix(seeds.to(torch.int64) * _GOLDEN + step)
     z = _mix(row[:, None] + torch.arange(vocab, device=dev, dtype=torch.int64)[None, :] * _GOLDEN)
@@ -50,6 +53,6 @@ def uniform_noise(seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
     return ((top53 + 0.5) / float(1 << 53)).to(torch.float32)
 
 
-def gumbel_noise(seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
+def gumbel_noise(seeds: torch.Tensor, step: int | torch.Tensor, vocab: int) -> torch.Tensor:
     u = uniform_noise(seeds, step, vocab).clamp(1e-7, 1 - 1e-7)
     return -torch.log(-torch.log(u))

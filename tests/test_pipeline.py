@@ -121,3 +121,33 @@ def test_layerwise_methods_quantize_with_the_model_on_cpu():
     home = {m: quantization_home(registry.get("method", m), gpu) for m in registry.available("method")}
     assert {m for m, d in home.items() if d.type == "cpu"} == {"gptq", "awq", "quantlrm", "sliderquant"}
     assert home["rtn"] == gpu and home["reasoning_qat"] == gpu
+
+
+def test_samples_stream_to_the_store_and_a_crash_loses_only_rows_in_flight(rq, tmp_path, monkeypatch):
+    """Each sample is stored the moment its row finishes: a crash mid-generation leaves every finished sample on
+    disk (more than a batch's worth), and the rerun generates only the rest, ending identical to a clean run."""
+    from harness.backends.hf import HFBackend
+    args = ["method=fp", "task.limit=12", "backend.batch_size=4", "sampling.temperature=0.7", "sampling.n=2",
+            "sampling.max_new_tokens=64"]
+    samples = tmp_path / "crashed" / "toy" / "fp" / "arith" / "seed0" / "samples.jsonl"
+    real_forward, calls = HFBackend._forward, []
+
+    def crashing_forward(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 70:
+            assert 4 < len(lines(samples)) < 24        # rows already streamed out of a running batch
+            raise KeyboardInterrupt                    # killed mid-generation
+        return real_forward(self, *a, **kw)
+    monkeypatch.setattr(HFBackend, "_forward", crashing_forward)
+    with pytest.raises(KeyboardInterrupt):
+        rq(*args, f"results_dir={tmp_path / 'crashed'}")
+    n_before = len(lines(samples))
+    monkeypatch.setattr(HFBackend, "_forward", real_forward)
+    resumed = rq(*args, f"results_dir={tmp_path / 'crashed'}")
+    clean = rq(*args, f"results_dir={tmp_path / 'clean'}")
+    killed = [json.loads(x) for x in lines(samples)]
+    ref = [json.loads(x) for x in lines(tmp_path / "clean" / "toy" / "fp" / "arith" / "seed0" / "samples.jsonl")]
+    key = lambda r: (r["id"], r["sample"])
+    assert len(killed) == 24 and len({key(r) for r in killed}) == 24
+    assert sorted(killed, key=key) == sorted(ref, key=key)
+    assert resumed["metrics"] == clean["metrics"] and 4 < n_before < 24

@@ -1,20 +1,34 @@
-"""transformers generation: batched by prompt length, left-padded, KV cache, per-sample seeds.
+"""transformers generation with continuous batching, per-sample seeds, and every sample streamed as it ends.
 
-A hand-written decode loop rather than `model.generate`, for two reasons: every (prompt, sample)
-row samples from its own seeded noise (so results do not depend on batch composition or on a
-resume), and the loop does no per-row Python work — one forward and a few tensor ops per step.
+A hand-written decode loop rather than `model.generate`:
+- continuous batching: `batch_size` rows decode together; a row that stops leaves the batch at
+  once and the next prompt is prefilled into its place, while the other rows keep their caches
+  (see harness/backends/slots.py for the cache layout). Reasoning traces are long-tailed, so a
+  static batch would spend most of its steps on rows that have already finished;
+- each (prompt, sample) row samples from its own seeded noise, a function of (sample seed, the
+  row's own step, token id): results do not depend on batch composition, order or a resume;
+- `on_sample(i, j, completion)` is called the moment a row finishes, so the caller can store it
+  (a kill loses only the rows in flight);
+- the model builds its own cache (the first prefill is run without one), so hybrid models
+  (linear-attention layers with conv and recurrent state) work as with `model.generate`.
 """
 from __future__ import annotations
 
+import inspect
+import time
+from collections import deque
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache
 
+from harness.backends import slots
 from harness.registry import register_backend
 from harness.seeding import gumbel_noise
 from harness.types import Completion, Sampling, UserError
+
+OnSample = Callable[[int, int, Completion], None]
 
 
 @dataclass
@@ -58,77 +72,184 @@ class HFBackend:
         if cfg.batch_size < 1:
             raise UserError(f"backend.batch_size={cfg.batch_size!r} is not allowed; allowed: a positive integer")
         self.cfg, self.model, self.tok, self.device, self.progress = cfg, model, tokenizer, device, progress
-        self.stop_ids = torch.tensor(stop_token_ids(tokenizer, model), device=device)
+        self.stop_ids = frozenset(stop_token_ids(tokenizer, model))
         pad = tokenizer.pad_token_id
-        self.pad_id = pad if pad is not None else int(self.stop_ids[0])
+        self.pad_id = pad if pad is not None else min(self.stop_ids)
+        # Prefill computes logits at the last position only (a 150k vocabulary x a long prompt is large).
+        self._keep1 = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+        self.trace: list[tuple[float, int]] = []      # (seconds since start, active rows) per decode step
 
-    def generate(self, prompts: list[str], sampling: Sampling,
-                 seeds: list[list[int]] | None = None) -> list[list[Completion]]:
-        """All samples of all prompts; seeds[i][j] seeds sample j of prompt i."""
+    def generate(self, prompts: list[str], sampling: Sampling, seeds: list[list[int]] | None = None,
+                 on_sample: Optional[OnSample] = None) -> list[list[Completion]]:
+        """All samples of all prompts; seeds[i][j] seeds sample j of prompt i.
+
+        on_sample(i, j, completion) is called as soon as sample j of prompt i has finished."""
         if seeds is None:
             seeds = [[sampling.seed * 1_000_003 + i * 1009 + j for j in range(sampling.n)] for i in range(len(prompts))]
         encoded = [self.tok.encode(p, add_special_tokens=False) for p in prompts]
-        # len(seeds[i]) samples of prompt i: fewer than n when a resume or a chunk boundary split its samples.
-        rows = [(i, j) for i in range(len(prompts)) for j in range(len(seeds[i]))]
-        rows.sort(key=lambda r: len(encoded[r[0]]))      # similar lengths together: less padding
         out: list[list[Completion | None]] = [[None] * len(s) for s in seeds]
-        bs = self.cfg.batch_size
-        bar = tqdm(total=len(rows), desc="generate", unit="sample", disable=not self.progress)
-        for start in range(0, len(rows), bs):
-            chunk = rows[start:start + bs]
-            done = self._decode([encoded[i] for i, _ in chunk], [seeds[i][j] for i, j in chunk], sampling)
-            for (i, j), c in zip(chunk, done):
-                out[i][j] = c
-            bar.update(len(chunk))
+        bar = tqdm(total=sum(map(len, seeds)), desc="generate", unit="sample", disable=not self.progress)
+
+        def emit(i: int, j: int, c: Completion) -> None:
+            out[i][j] = c
+            bar.update(1)
+            if on_sample is not None:
+                on_sample(i, j, c)
+
+        # len(seeds[i]) samples of prompt i: fewer than n when a resume split its samples.
+        rows = [_Row(i, j, seeds[i][j], self._budget(len(encoded[i]), sampling))
+                for i in range(len(prompts)) for j in range(len(seeds[i]))]
+        for r in rows:
+            if r.budget <= 0:           # the prompt alone fills the context: nothing can be generated
+                emit(r.i, r.j, Completion(text="", n_tokens=0, finish_reason="length"))
+        self._decode([r for r in rows if r.budget > 0], encoded, sampling, emit)
         bar.close()
         return out  # type: ignore[return-value]
 
-    @torch.inference_mode()
-    def _decode(self, batch: list[list[int]], seeds: list[int], sp: Sampling) -> list[Completion]:
-        dev, B = self.device, len(batch)
-        width = max(map(len, batch))
-        ids = torch.full((B, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((B, width), dtype=torch.long)
-        for r, toks in enumerate(batch):
-            ids[r, width - len(toks):] = torch.tensor(toks)
-            mask[r, width - len(toks):] = 1
+    @staticmethod
+    def _budget(prompt_len: int, sp: Sampling) -> int:
+        cap = getattr(sp, "max_model_len", None)
+        return sp.max_new_tokens if cap is None else min(sp.max_new_tokens, cap - prompt_len)
+
+    def _forward(self, ids, mask, pos, cache, **kw):
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                         use_cache=True, **kw)
+        return out.logits[:, -1, :], out.past_key_values
+
+    def _prefill(self, rows: list["_Row"], encoded) -> "_Batch":
+        """Newcomers in a cache of their own (the model builds it); the samples of one prompt share its prefill."""
+        dev = self.device
+        splice = self._splice is not False
+        prompts = list(dict.fromkeys(r.i for r in rows)) if splice else [r.i for r in rows]
+        width = max(len(encoded[i]) for i in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for k, i in enumerate(prompts):
+            ids[k, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            mask[k, width - len(encoded[i]):] = 1
         ids, mask = ids.to(dev), mask.to(dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        seed_t = torch.tensor(seeds, dtype=torch.int64, device=dev)
-        cache = DynamicCache()
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                            past_key_values=cache, use_cache=True).logits[:, -1, :]
-        generated = torch.full((B, sp.max_new_tokens), self.pad_id, dtype=torch.long, device=dev)
-        lengths = torch.zeros(B, dtype=torch.long, device=dev)
-        finished = torch.zeros(B, dtype=torch.bool, device=dev)
-        next_pos = pos[:, -1] + 1
-        for step in range(sp.max_new_tokens):
-            logits = logits.float()
-            if sp.temperature > 0:
-                scores = _filter_logits(logits / sp.temperature, sp.top_k, sp.top_p)
-                token = (scores + gumbel_noise(seed_t, step, scores.shape[-1])).argmax(-1)
-            else:
-                token = logits.argmax(-1)
-            token = torch.where(finished, torch.full_like(token, self.pad_id), token)
-            generated[:, step] = token
-            is_stop = torch.isin(token, self.stop_ids) & ~finished
-            lengths += (~finished).long()
-            finished |= is_stop
-            if bool(finished.all()):
-                break
-            mask = torch.cat([mask, mask.new_ones((B, 1))], dim=1)
-            logits = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                                past_key_values=cache, use_cache=True).logits[:, -1, :]
-            next_pos = next_pos + 1
-        return self._completions(generated.cpu(), lengths.cpu(), finished.cpu())
+        logits, cache = self._forward(ids, mask, pos, None, **self._keep1)
+        if self._splice is None:
+            self._splice = slots.spliceable(cache)
+            if not self._splice and len(prompts) != len(rows):     # rows cannot share a prefill after all
+                return self._prefill(rows, encoded)
+        if self._splice and len(prompts) != len(rows):
+            where = torch.tensor([prompts.index(r.i) for r in rows], device=dev)
+            slots.select_rows(cache, where)
+            logits, mask, pos = logits[where], mask[where], pos[where]
+        return _Batch(rows=list(rows), cache=cache, logits=logits, mask=mask, next_pos=pos[:, -1] + 1,
+                      seed=torch.tensor([r.seed for r in rows], dtype=torch.int64, device=dev),
+                      step=torch.zeros(len(rows), dtype=torch.int64, device=dev))
 
-    def _completions(self, generated, lengths, finished) -> list[Completion]:
-        out = []
-        for r in range(generated.shape[0]):
-            n = int(lengths[r])
-            toks = generated[r, :n].tolist()
-            stopped = bool(finished[r])
-            text_toks = toks[:-1] if stopped else toks      # the stop token is not part of the text
-            out.append(Completion(text=self.tok.decode(text_toks, skip_special_tokens=False),
-                                  n_tokens=n, finish_reason="stop" if stopped else "length"))
-        return out
+    @torch.inference_mode()
+    def _decode(self, rows: list["_Row"], encoded, sp: Sampling, emit) -> None:
+        self._splice: Optional[bool] = None       # known after the first prefill: can this cache be spliced?
+        queue, size = deque(rows), self.cfg.batch_size
+        batch: Optional[_Batch] = None
+        t0, self.trace = time.perf_counter(), []
+        while queue or batch is not None:
+            if batch is None:
+                batch = self._prefill([queue.popleft() for _ in range(min(size, len(queue)))], encoded)
+            self.trace.append((time.perf_counter() - t0, batch.live))
+            batch.token = self._sample(batch, sp)
+            for r, t in zip(batch.rows, batch.token.tolist()):
+                if not r.done:
+                    r.tokens.append(t)
+                    if t in self.stop_ids or len(r.tokens) >= r.budget:
+                        r.done = True
+                        emit(r.i, r.j, self._completion(r))
+            batch.step += 1
+            if self._splice:
+                keep = [k for k, r in enumerate(batch.rows) if not r.done]
+                if not keep and not queue:
+                    break
+                if len(keep) < len(batch.rows):
+                    batch.select(keep)
+            elif all(r.done for r in batch.rows):   # a cache we cannot splice: whole batches only
+                batch = None
+                continue
+            if batch.rows:
+                batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.rows), 1))], dim=1)
+                batch.logits, batch.cache = self._forward(batch.token[:, None], batch.mask, batch.next_pos[:, None],
+                                                          batch.cache)
+                batch.next_pos = batch.next_pos + 1
+            if self._splice and queue and len(batch.rows) < size:
+                newcomers = self._prefill([queue.popleft() for _ in range(min(size - len(batch.rows), len(queue)))],
+                                          encoded)
+                batch = batch.join(newcomers) if batch.rows else newcomers
+
+    def _sample(self, batch: "_Batch", sp: Sampling) -> torch.Tensor:
+        logits = batch.logits.float()
+        if sp.temperature > 0:
+            scores = _filter_logits(logits / sp.temperature, sp.top_k, sp.top_p)
+            return (scores + gumbel_noise(batch.seed, batch.step, scores.shape[-1])).argmax(-1)
+        return logits.argmax(-1)
+
+    def _completion(self, r: "_Row") -> Completion:
+        stopped = r.tokens[-1] in self.stop_ids
+        text_toks = r.tokens[:-1] if stopped else r.tokens      # the stop token is not part of the text
+        return Completion(text=self.tok.decode(text_toks, skip_special_tokens=False), n_tokens=len(r.tokens),
+                          finish_reason="stop" if stopped else "length")
+
+
+@dataclass(eq=False)
+class _Row:
+    i: int                  # prompt index
+    j: int                  # sample index within seeds[i]
+    seed: int
+    budget: int             # tokens this row may generate (max_new_tokens, or what max_model_len leaves)
+    done: bool = False
+
+    def __post_init__(self):
+        self.tokens: list[int] = []
+
+
+@dataclass(eq=False)
+class _Batch:
+    """The active rows and their device state; row k of every tensor is rows[k]."""
+    rows: list
+    cache: object
+    logits: torch.Tensor        # [rows, vocab]: the distribution of each row's next token
+    mask: torch.Tensor          # [rows, width]: 1 on real tokens (rows right-aligned)
+    next_pos: torch.Tensor      # [rows]: position id of each row's next token
+    seed: torch.Tensor          # [rows]: sample seeds
+    step: torch.Tensor          # [rows]: tokens generated so far (the noise counter)
+    token: Optional[torch.Tensor] = None    # [rows]: the token each row sampled last (the next step's input)
+
+    @property
+    def live(self) -> int:
+        return sum(not r.done for r in self.rows)
+
+    def _take(self, idx: torch.Tensor) -> None:
+        self.logits, self.mask, self.next_pos = self.logits[idx], self.mask[idx], self.next_pos[idx]
+        self.seed, self.step, self.token = self.seed[idx], self.step[idx], self.token[idx]
+
+    def select(self, keep: list[int]) -> None:
+        """Keep only these rows; drop the leading columns that no remaining row uses."""
+        idx = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+        self.rows = [self.rows[k] for k in keep]
+        slots.select_rows(self.cache, idx)
+        self._take(idx)
+        if keep:
+            lead = int(self.mask.any(0).long().argmax())
+            if lead * 4 >= self.mask.shape[1]:      # trimming copies the cache: only when it pays
+                self._set_width(self.mask.shape[1] - lead)
+
+    def _set_width(self, width: int) -> None:
+        slots.set_width(self.cache, width)
+        w = self.mask.shape[1]
+        if width <= w:
+            self.mask = self.mask[:, w - width:]
+        else:
+            self.mask = torch.cat([self.mask.new_zeros((self.mask.shape[0], width - w)), self.mask], dim=1)
+
+    def join(self, new: "_Batch") -> "_Batch":
+        width = max(self.mask.shape[1], new.mask.shape[1])
+        self._set_width(width)
+        new._set_width(width)
+        slots.concat(self.cache, new.cache)
+        self.rows += new.rows
+        for name in ("logits", "mask", "next_pos", "seed", "step"):
+            setattr(self, name, torch.cat([getattr(self, name), getattr(new, name)], dim=0))
+        return self
