@@ -19,6 +19,7 @@ from harness.types import check_values, Sampling, UserError
 
 EXPORTS = ("fake", "packed")
 WANDB_MODES = ("disabled", "offline", "online")
+STAGES = ("all", "quantize", "evaluate")
 
 
 @dataclass
@@ -67,6 +68,8 @@ class TopLevel:
     progress: bool = True
     rescore: bool = False
     run_tag: str = ""
+    stage: str = "all"              # all | quantize (build the checkpoint only) | evaluate (the checkpoint must exist)
+    lock_wait_s: float = 6 * 3600   # longest wait for another live job holding this run directory
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
@@ -151,6 +154,10 @@ def validate(cfg: DictConfig) -> RunSpec:
     spec = QuantSpec(bits=quant.bits, group_size=quant.group_size, sym=quant.sym, clip_ratio=quant.clip_ratio)
     if top.export not in EXPORTS:
         raise UserError(f"export={top.export!r} is not allowed; allowed: {', '.join(EXPORTS)}")
+    if top.stage not in STAGES:
+        raise UserError(f"stage={top.stage!r} is not allowed; allowed: {', '.join(STAGES)}")
+    if top.lock_wait_s < 0:
+        raise UserError(f"lock_wait_s={top.lock_wait_s!r} is not allowed; allowed: seconds >= 0")
     if top.tracking.wandb.mode not in WANDB_MODES:
         raise UserError(f"tracking.wandb.mode={top.tracking.wandb.mode!r} is not allowed; allowed: {', '.join(WANDB_MODES)}")
     model = typed(ModelConfig, cfg.get("model"), "model")

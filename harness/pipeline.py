@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import inspect
 import json
+import os
 import resource
 import sys
 import time
@@ -21,7 +23,8 @@ from harness.metrics import compute_metrics
 from harness.quant.context import QuantContext
 from harness.quant.select import quantizable_linears
 from harness.seeding import sample_seed
-from harness.store import SampleStore, cached_dir, checkpoint_fingerprint, run_lock, stable_hash, write_json_atomic
+from harness.store import (LockBusy, SampleStore, cached_dir, checkpoint_fingerprint, describe_holder, dir_state, run_lock,
+                           stable_hash, write_json_atomic)
 from harness.types import UserError
 
 
@@ -92,13 +95,41 @@ def check_spec_before_loading(source: str, spec: RunSpec) -> None:
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        unusable = gpus_torch_cannot_use()
+        if unusable:
+            raise UserError(f"device=auto: {unusable}. Refusing to fall back to CPU silently (a reasoning sweep "
+                            f"would run there until it times out). Allowed: a torch build for this driver, or "
+                            f"device=cpu to run on CPU on purpose")
+        return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={name!r} but CUDA is not available here; allowed: auto, cpu")
+        raise UserError(f"device={name!r} but CUDA is not available here ({gpus_torch_cannot_use() or 'no GPU seen'}); "
+                        f"allowed: auto, cpu")
     try:
         return torch.device(name)
     except RuntimeError:
         raise UserError(f"device={name!r} is not a device; allowed: auto, cpu, cuda, cuda:N") from None
+
+
+def gpus_torch_cannot_use() -> str:
+    """Why this process has NVIDIA GPUs that torch cannot use (e.g. a driver older than the CUDA build of torch);
+    "" when there are none, or torch can use them."""
+    if torch.cuda.is_available():
+        return ""
+    gpus = sorted(Path("/proc/driver/nvidia/gpus").glob("*")) if Path("/proc/driver/nvidia/gpus").is_dir() else []
+    if not gpus and not any(Path("/dev").glob("nvidia[0-9]*")):
+        return ""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1", "none", "NoDevFiles"):
+        return ""                       # GPUs hidden on purpose
+    driver = ""
+    version = Path("/proc/driver/nvidia/version")
+    if version.is_file():
+        line = version.read_text().splitlines()[0]
+        driver = next((w for w in line.split() if w.count(".") >= 1 and w.replace(".", "").isdigit()), "")
+    return (f"{len(gpus) or 'some'} NVIDIA GPU(s) are present (driver {driver or 'unknown'}) but torch "
+            f"{torch.__version__} (CUDA {torch.version.cuda or 'none: a CPU build'}) cannot use them")
 
 
 # ------------------------------------------------------------------ naming and keys
@@ -170,19 +201,23 @@ def render_prompt(tok, prompt, enable_thinking) -> str:
     return tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, **kwargs)
 
 
-def load_or_quantize(spec: RunSpec, tok, source: str, device, cfg_dict: dict, timer: Timer):
-    """The model to evaluate: the original (fp), a cached quantized checkpoint, or one quantized now.
-
-    The cache is checked before the full-precision model is loaded, so a sweep over tasks and seeds
-    pays for loading and quantizing once.
-    """
-    if not getattr(spec.method_cls, "quantizes", True):
-        with timer.stage("load"):
-            return load_model(source, spec, device), {"checkpoint": source, "cached": False}
-    from harness.quant.export import load_checkpoint, save_checkpoint
+def checkpoint_location(spec: RunSpec, source: str) -> tuple[Path, str, dict]:
+    """(cache root, directory name, key) of the run's quantized checkpoint."""
     key = checkpoint_key(spec, source)
-    name = f"{quant_label(spec)}-{stable_hash(key)}"
     root = Path(spec.top.cache_dir).expanduser() / "checkpoints" / spec.model.name.replace("/", "--")
+    return root, f"{quant_label(spec)}-{stable_hash(key)}", key
+
+
+def build_checkpoint(spec: RunSpec, tok, source: str, device, cfg_dict: dict, timer: Timer,
+                     wait_s: float | None = None):
+    """Quantize and export the run's checkpoint into the cache, or find it there.
+
+    Returns (checkpoint info, the in-memory quantized model when it was built here, else None). The
+    build ends with the export: the directory is renamed into place before anything else runs, so
+    nothing that happens afterwards (moving the model to a GPU, starting an engine) can lose it.
+    """
+    from harness.quant.export import save_checkpoint
+    root, name, key = checkpoint_location(spec, source)
     built: dict = {}
 
     def build(tmp: Path) -> None:
@@ -199,15 +234,90 @@ def load_or_quantize(spec: RunSpec, tok, source: str, device, cfg_dict: dict, ti
                             provenance={"method": spec.method_cls.name, "key": key,
                                         "rqbench_version": __version__, "config": cfg_dict})
             (tmp / "rqbench_key.json").write_text(json.dumps(key, indent=1, default=str) + "\n")
-        built["model"] = model.to(device)
+        built["model"] = model
 
-    path, _ = cached_dir(root, name, build, on_wait=lambda: log(f"another job is quantizing {name}; waiting"))
-    if "model" in built:    # quantized here: the in-memory weights are exactly the exported ones
-        return built["model"], {"checkpoint": str(path), "cached": False}
-    log(f"reusing cached checkpoint {path}")
+    path, here = cached_dir(root, name, build, timeout_s=wait_s,
+                            on_wait=lambda h: log(f"another job is quantizing {name} ({describe_holder(h)}); waiting"))
+    return {"checkpoint": str(path), "cached": not here}, built.get("model")
+
+
+def release(model) -> None:
+    """Free a model's memory now (before vLLM measures free GPU memory, or before the next stage)."""
+    if model is None:
+        return
+    model.to("meta")        # drops every weight's storage, even where another reference to the module remains
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def load_or_quantize(spec: RunSpec, tok, source: str, device, cfg_dict: dict, timer: Timer, need_model=None):
+    """(model to evaluate or None, checkpoint info): the original (fp), a cached quantized checkpoint, or one
+    quantized now.
+
+    The cache is checked before the full-precision model is loaded, so a sweep over tasks and seeds
+    pays for loading and quantizing once. `need_model(checkpoint info)` says whether the evaluation needs
+    the model in this process (HF backend) or only the checkpoint directory (vLLM loads that itself): then
+    no transformers copy is ever loaded (fp) or it is freed right after the export (quantized).
+    """
+    need = need_model or (lambda ckpt: True)
+    if not getattr(spec.method_cls, "quantizes", True):
+        ckpt = {"checkpoint": source, "cached": False}
+        if not need(ckpt):
+            return None, ckpt
+        with timer.stage("load"):
+            return load_model(source, spec, device), ckpt
+    ckpt, model = build_checkpoint(spec, tok, source, device, cfg_dict, timer, wait_s=spec.top.lock_wait_s)
+    if not need(ckpt):
+        release(model)
+        return None, ckpt
+    if model is not None:   # quantized here: the in-memory weights are exactly the exported ones
+        return model.to(device).eval(), ckpt
+    from harness.quant.export import load_checkpoint
+    log(f"reusing cached checkpoint {ckpt['checkpoint']}")
     with timer.stage("load"):
-        model = load_checkpoint(path, dtype=_dtype(spec.model.dtype)).to(device).eval()
-    return model, {"checkpoint": str(path), "cached": True}
+        model = load_checkpoint(ckpt["checkpoint"], dtype=_dtype(spec.model.dtype)).to(device).eval()
+    return model, ckpt
+
+
+def require_checkpoint(spec: RunSpec) -> None:
+    """stage=evaluate: the checkpoint must already be in the cache; fail at once (never wait holding a GPU)."""
+    if not getattr(spec.method_cls, "quantizes", True):
+        return
+    root, name, _ = checkpoint_location(spec, model_source(spec))
+    state, holder = dir_state(root, name)
+    if state != "complete":
+        how = f"being built by {describe_holder(holder)}" if state == "building" else "not in the cache"
+        raise UserError(f"checkpoint not built: {root / name} is {how}; run stage=quantize with the same model, "
+                        f"method, quant, calib and export first (or stage=all to build it in this job)")
+
+
+def quantize_stage(spec: RunSpec, cfg_dict: dict) -> dict:
+    """stage=quantize: build the run's checkpoint and stop (no task, no generation). A checkpoint already in the
+    cache, or one another live job is building, is left alone at once: a quantize array never waits."""
+    timer = Timer()
+    out = {"stage": "quantize", "model": spec.model.name, "method": spec.method_cls.name, "label": quant_label(spec)}
+    if not getattr(spec.method_cls, "quantizes", True):
+        log(f"method {spec.method_cls.name} builds no checkpoint: nothing to quantize")
+        return {**out, "checkpoint": None, "status": "nothing to build"}
+    source = model_source(spec)
+    check_spec_before_loading(source, spec)
+    root, name, _ = checkpoint_location(spec, source)
+    state, holder = dir_state(root, name)
+    if state == "complete":
+        log(f"checkpoint {root / name} is already built")
+        return {**out, "checkpoint": str(root / name), "status": "already built"}
+    device = pick_device(spec.top.device)
+    tok = load_tokenizer(source, spec)
+    try:
+        ckpt, model = build_checkpoint(spec, tok, source, device, cfg_dict, timer, wait_s=0)
+    except LockBusy as e:
+        log(f"checkpoint {root / name} is being built by {describe_holder(e.holder)}: nothing to do here")
+        return {**out, "checkpoint": str(root / name), "status": "being built elsewhere"}
+    release(model)
+    status = "already built" if ckpt["cached"] else "built"
+    return {**out, "checkpoint": ckpt["checkpoint"], "status": status,
+            "seconds": {k: round(v, 3) for k, v in timer.seconds.items()}, "memory": peak_memory()}
 
 
 def quantization_home(method_cls, device: torch.device) -> torch.device:
@@ -238,23 +348,30 @@ def _calibration(spec: RunSpec, tok, model, device):
     return lambda: calibration_ids(spec.calib, tok, cache_dir=cache, generate=generate, model_key=model_key)
 
 
-def make_backend(spec: RunSpec, model, tok, device, ckpt_path: str):
+def resolve_backend(spec: RunSpec, device, ckpt_path: str) -> str:
+    """The backend this run uses (backend=auto decides here, from the device and the checkpoint)."""
+    if spec.backend_name != "auto":
+        return spec.backend_name
+    from harness.backends.auto import choose
+    name, why = choose(device, act=spec.act, checkpoint=ckpt_path)
+    log(f"backend=auto picked {name} ({why})")
+    return name
+
+
+def make_backend(spec: RunSpec, model, tok, device, ckpt_path: str, name: str | None = None):
     from harness import registry
     from harness.config import typed
-    name = spec.backend_name
+    name = name or resolve_backend(spec, device, ckpt_path)
     node = OmegaConf.to_container(spec.backend_node, resolve=True)
-    if name == "auto":
-        from harness.backends.auto import choose, keys_for
-        name, why = choose(device, act=spec.act, checkpoint=ckpt_path)
-        log(f"backend=auto picked {name} ({why})")
+    if spec.backend_name == "auto":
+        from harness.backends.auto import keys_for
         node = {k: v for k, v in node.items() if k in keys_for(name)}     # auto holds both backends' keys
     cls = registry.get("backend", name)
     cfg = typed(cls.Config, {**node, "name": name}, "backend")
     if name == "hf":
         return cls(cfg, model, tok, device, progress=False)     # the pipeline shows one bar for the whole run
-    if device.type == "cuda":       # the engine loads the checkpoint itself: give it the GPU memory
-        model.to("cpu")
-        torch.cuda.empty_cache()
+    if model is not None:   # never two copies: the engine loads the checkpoint itself and needs the GPU memory
+        raise RuntimeError("make_backend: a transformers model is still loaded while vLLM would serve")
     return cls(cfg, model_path=ckpt_path, tokenizer=tok, progress=spec.top.progress,
                revision=spec.model.revision if ckpt_path == model_source(spec) else None,
                trust_remote_code=spec.model.trust_remote_code)
@@ -343,8 +460,13 @@ def peak_memory() -> dict:
 
 def run(spec: RunSpec, cfg_dict: dict, run_tag: str = "") -> dict:
     """One run, holding its run directory's lock (see `store.run_lock`), then mirrored to W&B."""
+    if spec.top.stage == "quantize":
+        return quantize_stage(spec, cfg_dict)
+    if spec.top.stage == "evaluate":
+        require_checkpoint(spec)
     out_dir = run_dir(spec, run_tag)
-    with run_lock(out_dir, on_wait=lambda: log(f"another job is running {out_dir}; waiting for it")):
+    with run_lock(out_dir, timeout_s=spec.top.lock_wait_s,
+                  on_wait=lambda h: log(f"another job is running {out_dir} ({describe_holder(h)}); waiting for it")):
         result = _run(spec, cfg_dict, run_tag)
         tracking.log_run(spec, cfg_dict, result, out_dir)      # W&B mirror: never raises, never blocks results
     return result
@@ -370,7 +492,14 @@ def _run(spec: RunSpec, cfg_dict: dict, run_tag: str = "") -> dict:
 
     with timer.stage("load"):
         tok = load_tokenizer(source, spec)
-    model, ckpt = load_or_quantize(spec, tok, source, device, cfg_dict, timer)
+    chosen: dict = {}
+
+    def need_model(ckpt: dict) -> bool:
+        if hasattr(task, "evaluate_model"):
+            return True
+        chosen["backend"] = resolve_backend(spec, device, ckpt["checkpoint"])
+        return chosen["backend"] == "hf"
+    model, ckpt = load_or_quantize(spec, tok, source, device, cfg_dict, timer, need_model=need_model)
 
     if hasattr(task, "evaluate_model"):
         with timer.stage("evaluate"):
@@ -378,7 +507,7 @@ def _run(spec: RunSpec, cfg_dict: dict, run_tag: str = "") -> dict:
         n_tokens = 0
     else:
         store = SampleStore(out_dir / "samples.jsonl")
-        backend = make_backend(spec, model, tok, device, ckpt["checkpoint"])
+        backend = make_backend(spec, model, tok, device, ckpt["checkpoint"], name=chosen["backend"])
         generate_and_score(spec, task, examples, backend, tok, store, timer)
         ids = {ex.id for ex in examples}
         records = rescore(task, store) if spec.top.rescore else [r for r in store.records if r["id"] in ids]

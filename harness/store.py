@@ -1,16 +1,22 @@
-"""Plain files that never lose work: streamed samples.jsonl, atomic JSON, a locked checkpoint cache."""
+"""Plain files that never lose work: streamed samples.jsonl, atomic JSON, a checkpoint cache and run locks that
+hold on shared file systems (see Lease)."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
+import threading
+import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable
 
-from filelock import FileLock, Timeout
+from harness.types import UserError
 
 
 def stable_hash(obj) -> str:
@@ -127,26 +133,187 @@ class SampleStore:
         self.records.extend(records)
 
 
-def cached_dir(root: Path, key: str, build: Callable[[Path], None], on_wait: Callable[[], None] | None = None) -> tuple[Path, bool]:
+# ------------------------------------------------------------------ locks that hold on shared file systems
+
+HEARTBEAT_S = float(os.environ.get("RQBENCH_LOCK_HEARTBEAT_S", 30))   # a holder touches its lock file this often
+STALE_S = float(os.environ.get("RQBENCH_LOCK_STALE_S", 180))           # no touch for this long: the holder is dead
+WAIT_S = float(os.environ.get("RQBENCH_LOCK_WAIT_S", 6 * 3600))         # default bound on waiting for a live holder
+
+
+class LockBusy(UserError):
+    """A lock stayed held by a live holder for longer than the caller would wait. The message names the holder."""
+
+    def __init__(self, msg: str, holder: dict):
+        super().__init__(msg)
+        self.holder = holder
+
+
+def describe_holder(h: dict) -> str:
+    if not h:
+        return "a holder that has not written its name yet"
+    job = f", Slurm job {h['job']}" if h.get("job") else ""
+    return f"host {h.get('host')}, pid {h.get('pid')}{job}, started {h.get('started')}"
+
+
+class Lease:
+    """An exclusive lock that works on NFS, Lustre and GPFS whatever their flock mount options.
+
+    The lock is a file created with O_CREAT|O_EXCL (atomic on every POSIX shared file system) that
+    names its holder (host, pid, Slurm job, start time). The holder touches it every HEARTBEAT_S from
+    a daemon thread; a waiter that sees neither the holder's name nor the file's mtime change for
+    STALE_S — measured on the waiter's own monotonic clock, so node clocks need not agree — knows the
+    holder is dead (killed on any node, node lost) and breaks the lock. On the holder's own host a dead
+    pid is seen at once. flock is not used at all: mounted `localflock` it excludes only one node's
+    processes, mounted `noflock` filelock silently falls back to a same-host-only marker file.
+    """
+
+    def __init__(self, path: Path, what: str = "", heartbeat_s: float | None = None, stale_s: float | None = None):
+        self.path, self.what = Path(path), what
+        self.heartbeat_s = HEARTBEAT_S if heartbeat_s is None else heartbeat_s
+        self.stale_s = STALE_S if stale_s is None else stale_s
+        self.token = uuid.uuid4().hex
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def me(self) -> dict:
+        return {"host": socket.gethostname(), "pid": os.getpid(), "job": os.environ.get("SLURM_JOB_ID"),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "token": self.token, "what": self.what}
+
+    def try_acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.me(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._beat, name=f"lease:{self.path.name}", daemon=True)
+        self._thread.start()
+        return True
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            if read_holder(self.path).get("token") != self.token:
+                if not self.lost:
+                    self.lost = True
+                    print(f"[rqbench] warning: lost the lock {self.path} (another job judged this one dead after "
+                          f"{self.stale_s:.0f} s without a heartbeat: was this process stopped?)", file=sys.stderr, flush=True)
+                return
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        if read_holder(self.path).get("token") == self.token:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+def read_holder(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def _mtime(path: Path):
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
+def _pid_dead_here(h: dict) -> bool:
+    if h.get("host") != socket.gethostname() or not isinstance(h.get("pid"), int):
+        return False
+    try:
+        os.kill(h["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _break(path: Path, judged: dict) -> bool:
+    """Remove a dead holder's lock file; True when it was the one judged dead."""
+    aside = path.with_name(f"{path.name}.stale-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(path, aside)              # atomic: of two breakers, one moves the file, the other finds none
+    except FileNotFoundError:
+        return False
+    moved = read_holder(aside)
+    if moved.get("token") != judged.get("token"):
+        try:                                # a fresh holder's lock was moved by mistake: put it back
+            os.link(aside, path)
+        except OSError:
+            pass
+        os.unlink(aside)
+        return False
+    os.unlink(aside)
+    print(f"[rqbench] broke the stale lock {path} of {describe_holder(judged)} (dead: no heartbeat)",
+          file=sys.stderr, flush=True)
+    return True
+
+
+def acquire(path: Path, what: str = "", timeout_s: float | None = None, on_wait: Callable[[dict], None] | None = None,
+            heartbeat_s: float | None = None, stale_s: float | None = None) -> Lease:
+    """A held Lease on `path`, waiting at most timeout_s (None: WAIT_S) for a live holder; LockBusy after that."""
+    lease = Lease(path, what, heartbeat_s, stale_s)
+    timeout_s = WAIT_S if timeout_s is None else timeout_s
+    start = time.monotonic()
+    seen, seen_since, told = None, start, False
+    poll = max(0.02, min(1.0, lease.stale_s / 20))
+    while True:
+        if lease.try_acquire():
+            return lease
+        holder, now = read_holder(path), time.monotonic()
+        state = (holder.get("token"), _mtime(lease.path))
+        if state != seen:
+            seen, seen_since = state, now
+        if state[1] is not None and (_pid_dead_here(holder) or now - seen_since >= lease.stale_s):
+            _break(lease.path, holder)
+            continue
+        if now - start >= timeout_s:
+            raise LockBusy(f"{what or path} is held by {describe_holder(holder)} (lock file {path}, alive: heartbeat "
+                           f"within {lease.stale_s:.0f} s); gave up after {timeout_s:.0f} s. Wait for that job, or "
+                           f"cancel it; a dead holder's lock is broken automatically.", holder)
+        if not told and on_wait is not None:
+            on_wait(holder)
+        told = True
+        time.sleep(poll)
+
+
+def cached_dir(root: Path, key: str, build: Callable[[Path], None], on_wait: Callable[[dict], None] | None = None,
+               timeout_s: float | None = None) -> tuple[Path, bool]:
     """Return root/key, building it with `build(tmp_dir)` if absent. (path, built_here).
 
-    A file lock makes concurrent jobs wait for the first builder instead of repeating its work;
-    the build happens in a temp dir renamed into place, so nobody ever sees half a directory.
+    A Lease makes concurrent jobs wait (at most timeout_s; 0: not at all, LockBusy at once) for the
+    first builder instead of repeating its work; the build happens in a temp dir renamed into place,
+    so nobody ever sees half a directory. Whoever holds the lease removes temp dirs of builders that
+    died (killed jobs leave them; a live builder of this key cannot exist while we hold it).
     """
     root.mkdir(parents=True, exist_ok=True)
     final = root / key
     if (final / ".complete").exists():
         return final, False
-    lock = FileLock(str(root / f"{key}.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Exception:
-        if on_wait:
-            on_wait()
-        lock.acquire()
+    lease = acquire(root / f"{key}.lock", what=f"checkpoint {key}", timeout_s=timeout_s, on_wait=on_wait)
     try:
         if (final / ".complete").exists():
             return final, False
+        for old in root.glob(f".{key}.tmp-*"):
+            shutil.rmtree(old, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}.tmp-"))
         try:
             build(tmp)
@@ -159,28 +326,35 @@ def cached_dir(root: Path, key: str, build: Callable[[Path], None], on_wait: Cal
             raise
         return final, True
     finally:
-        lock.release()
+        lease.release()
+
+
+def dir_state(root: Path, key: str) -> tuple[str, dict]:
+    """("complete" | "building" | "absent", holder) of root/key, without waiting or building."""
+    if (root / key / ".complete").exists():
+        return "complete", {}
+    lock = root / f"{key}.lock"
+    if lock.exists():
+        holder = read_holder(lock)
+        if not _pid_dead_here(holder):
+            return "building", holder
+    return "absent", {}
 
 
 @contextmanager
-def run_lock(run_dir: Path, on_wait: Callable[[], None] | None = None):
-    """Exclusive hold of one run directory for the `with` block (a killed holder releases it at once).
+def run_lock(run_dir: Path, on_wait: Callable[[dict], None] | None = None, timeout_s: float | None = None):
+    """Exclusive hold of one run directory for the `with` block.
 
     Two jobs on the same run (a requeued Slurm job beside its not-yet-dead predecessor, a duplicate
     in a sweep) must not append to one samples.jsonl at once: each would generate the same rows, and
     the torn-line repair of one could cut a line the other is still writing. The second job waits
-    here; once it has the lock it sees every sample the first one wrote and generates only the rest.
-    The lock is an OS file lock (flock) on run_dir/run.lock.
+    here (at most timeout_s, then LockBusy naming the holder); once it has the lock it sees every sample
+    the first one wrote and generates only the rest. The lock is a Lease on run_dir/run.lock: a holder
+    killed on any node is detected by its missing heartbeat.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(run_dir / "run.lock"))
+    lease = acquire(run_dir / "run.lock", what=f"run {run_dir}", timeout_s=timeout_s, on_wait=on_wait)
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        if on_wait:
-            on_wait()
-        lock.acquire()
-    try:
-        yield
+        yield lease
     finally:
-        lock.release()
+        lease.release()

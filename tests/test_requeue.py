@@ -52,7 +52,7 @@ def test_run_lock_excludes_a_second_holder(tmp_path):
 
     def second():
         assert inside.wait(30)
-        with run_lock(tmp_path / "run", on_wait=waited.set):
+        with run_lock(tmp_path / "run", on_wait=lambda holder: waited.set()):
             order.append("second in")
 
     threads = [threading.Thread(target=first), threading.Thread(target=second)]

@@ -300,3 +300,71 @@ def test_engine_context_is_checked_against_the_run_before_the_engine_starts(fake
     assert not fake_vllm.engines                      # refused before any engine was built
     backend(tmp_path, max_model_len=40).generate(["a b c d"], Sampling(max_new_tokens=30), [[1]])
     assert fake_vllm.engines[0].kwargs["max_model_len"] == 40
+
+
+# ---------------------------------------------------------------- one copy of the model
+
+def test_fp_with_vllm_never_loads_a_transformers_model(fake_vllm, monkeypatch, tmp_path):
+    from harness import pipeline
+
+    def no_load(*a, **kw):
+        raise AssertionError("a transformers copy was loaded although vLLM serves the run")
+    monkeypatch.setattr(pipeline, "load_model", no_load)
+    out = run("backend=vllm", "method=fp", "task.limit=3", f"results_dir={tmp_path}")
+    assert out["metrics"]["n_samples"] == 3 and len(fake_vllm.engines) == 1
+
+
+def test_quantized_model_is_freed_after_export_before_the_engine_starts(fake_vllm, monkeypatch, tmp_path):
+    from harness import pipeline
+    from harness.quant import export
+    seen = {}
+    real_release = pipeline.release
+
+    def release(model):
+        real_release(model)
+        if model is not None:
+            seen["devices"] = {p.device.type for p in model.parameters()}
+    monkeypatch.setattr(pipeline, "release", release)
+    real_llm = fake_vllm.module.LLM
+
+    def llm(**kw):
+        assert "devices" in seen, "the engine started before the in-process model was freed"
+        return real_llm(**kw)
+    monkeypatch.setattr(fake_vllm.module, "LLM", llm)
+    args = ["backend=vllm", "method=rtn", "task.limit=3", f"results_dir={tmp_path}", f"cache_dir={tmp_path / 'c'}"]
+    out = run(*args)
+    assert seen["devices"] == {"meta"} and not out["checkpoint"]["cached"]
+    # a cached checkpoint is never loaded into this process at all when vLLM serves it
+    monkeypatch.setattr(export, "load_checkpoint", lambda *a, **k: pytest.fail("loaded a transformers copy"))
+    out = run(*args, "seed=1")
+    assert out["checkpoint"]["cached"] and out["metrics"]["n_samples"] == 3
+
+
+def test_a_failure_after_export_keeps_the_finished_checkpoint(monkeypatch, tmp_path):
+    """Moving the quantized model to the GPU runs out of memory right after the export: the checkpoint (hours of
+    GPTQ on a real model) is already in place and the next job reuses it."""
+    import torch
+    from harness.quant import export
+    exported = {}
+    real_save, real_to = export.save_checkpoint, torch.nn.Module.to
+
+    def save(*a, **kw):
+        out = real_save(*a, **kw)
+        exported["done"] = True
+        return out
+
+    def to(self, *a, **kw):
+        if exported.get("done") and "meta" not in map(str, a):
+            raise RuntimeError("CUDA out of memory (moving the quantized model to the GPU)")
+        return real_to(self, *a, **kw)
+    monkeypatch.setattr(export, "save_checkpoint", save)
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    args = ["backend=hf", "method=gptq", "calib.n_samples=4", "calib.seq_len=32", "task.limit=2",
+            f"results_dir={tmp_path}", f"cache_dir={tmp_path / 'c'}"]
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run(*args)
+    [ckpt] = [p for p in (tmp_path / "c" / "checkpoints" / "toy").iterdir() if p.is_dir()]
+    assert (ckpt / ".complete").exists() and (ckpt / "config.json").exists()
+    monkeypatch.undo()
+    out = run(*args, "stage=evaluate")            # the quantization is not repeated
+    assert out["checkpoint"] == {"checkpoint": str(ckpt), "cached": True}
