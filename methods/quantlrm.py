@@ -191,16 +191,18 @@ class QuantLRM(AWQ):
             # keeps a layer-wise method's model on CPU); it goes back before the layer-wise pass.
             with on_device(model, ctx.device):
                 ids = get_ids()
-                examples, how = pft_examples(ids, tok, pft)
+                examples, data = pft_examples(ids, tok, pft)
+                print(data.line("quantlrm pseudo fine-tune data"), flush=True)
                 pad = getattr(tok, "pad_token_id", None)
                 pad = pad if pad is not None else (getattr(tok, "eos_token_id", None) or 0)
                 with pseudo_finetuned(model, examples, pft, pad_id=pad, progress=ctx.progress) as run:
                     with torch.no_grad():
                         sig = compute_signals(names, run.delta, ratio=cfg.ratio,
                                               zero_count_dtype=cfg.zero_count_dtype, progress=ctx.progress)
-            sig.extra = {"pft_steps": len(run.losses), "pft_data": how, "pft_examples": len(examples),
+            sig.extra = {"pft_steps": len(run.losses), "pft_data": data.how, "pft_examples": len(examples),
                          "pft_loss_tokens": int(sum(int((y[1:] != -100).sum()) for _, y in examples)),
-                         "pft_loss_first": run.losses[0], "pft_loss_last": run.losses[-1]}
+                         "pft_loss_first": run.losses[0], "pft_loss_last": run.losses[-1],
+                         "pft_data_report": data.as_dict()}
             return sig
         return compute
 

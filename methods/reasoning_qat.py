@@ -9,12 +9,14 @@ of ours, exposed in conf/method/reasoning_qat.yaml.
 1. Teacher: a copy of the model *before* any quantization (`objective=kd` or RL with a KL term
    needs it; it doubles the model's memory — for big models precomputing teacher logits, or putting
    the teacher on another device, is the way out; not implemented here).
-2. Data: token ids from the calibration machinery (harness.calib). `method.data: null` trains on the
-   run's own calibration set (`calib`, e.g. calib=reasoning: traces the full-precision model wrote),
-   so PTQ calibration and QAT training share a domain by default; a calib-style node
-   (`method.data={name: local, path: texts.jsonl, ...}`) trains on something else. Packed chat
-   documents are split back into (prompt + response) documents, loss on responses only
-   (`mask_prompts`), as QuantLRM's pseudo fine-tune does (finetune_signal.pft_examples).
+2. Data (harness.train.data): `method.data=task` (default) trains on the full-precision model's own
+   greedy traces on `n_train` training prompts of the run's task (`method.task`, the run's task by
+   default; its training split, never the evaluated one; traces cached), so the training domain is the
+   task's and the set is distinct from the PTQ calibration rows; `n_val` more traces are held out for
+   validation. `data=calib` trains on the run's calibration rows; a calib-style node
+   (`method.data={name: local, path: texts.jsonl, ...}`) on something else: packed chat rows are split
+   back into whole (prompt + response) documents, long ones kept (cut into rows of `seq_len` if set),
+   what is dropped counted and printed; `n_val` of them held out. Loss on responses only (`mask_prompts`).
 3. PTQ init: `method.init` names any quantizing method (gptq, rtn, awq, quantlrm, ...; `none` = the
    min/max grid of the fp weights). It quantizes the model in place as it would on its own; its
    codes/scales/zeros then seed FakeQuantLinear modules (harness.quant.fakequant): latent weight =
@@ -22,12 +24,16 @@ of ours, exposed in conf/method/reasoning_qat.yaml.
 4. QAT: every quantized linear trains its latent fp32 weight through the shared quantizer's STE
    (`fake_quantize_ste`), scales optionally learnable (`learn_scales`). Objective `kd`: forward KL
    KL(p_teacher || p_student) of the next-token distributions at temperature T (× T²), averaged over
-   the response tokens; `sft`: cross-entropy on the same tokens. AdamW, linear warmup, cosine decay,
-   gradient accumulation, optional gradient checkpointing.
+   the response tokens; `sft`: cross-entropy on the same tokens. The shared loop (harness.train.loop):
+   AdamW, `epochs` over the training documents (or `steps`), linear warmup, cosine decay, gradient
+   accumulation and clipping; the validation loss (same objective) every `eval_every` steps, and the
+   state with the lowest one kept (`keep_best`; step 0, the PTQ model, competes too).
 5. RL (`rl.enabled`): GRPO from the QAT model with the quantizer in the loop — groups of samples are
-   drawn from the fake-quant model (i.e. the deployed quantized model), rewarded 1/0 by the task's
-   own scorer (`rl.task`, on training prompts: never the evaluation split), advantages normalised
-   within each group, PPO-clipped ratio objective, optional k3 KL to the RL start model (`kl_beta`).
+   drawn from the fake-quant model (i.e. the deployed quantized model), rewarded 1/0 by the run's
+   task's own scorer (`rl.task`, default `method.task`) on its training prompts (`rl.prompts=task`;
+   never the evaluation split) or a local jsonl, at the task's generation length (`rl.max_new_tokens`
+   null), advantages normalised within each group, PPO-clipped ratio objective, optional k3 KL to the
+   RL start model (`kl_beta`). The mean reward per step is logged (result info, and printed).
 6. Export: the final latent weights are rounded on the final grid into codes (QuantResult) that the
    shared exporter writes (fake or packed).
 
@@ -42,30 +48,32 @@ import copy
 import dataclasses
 import hashlib
 import json
-import math
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from harness.quant.finetune_signal import collate
-from harness.quant.state import StateFile, TrainingStopped
 from harness import registry
-from harness.calib import CalibConfig, as_calib_config, calibration_ids
+from harness.calib import as_calib_config, calibration_ids
 from harness.quant import fakequant
 from harness.quant.context import MethodConfig, QuantContext
 from harness.quant.select import quantizable_linears
+from harness.quant.state import StateFile, TrainingStopped
 from harness.registry import register_method
+from harness.train.data import (DataReport, collate, examples_from_rows, finish, holdout, pad_id_of,
+                                trace_documents)
+from harness.train.loop import LoopConfig, batch_order, resume, snapshot, steps_for, train, trainable
 from harness.types import check_values, Example, QuantResult, Sampling, UserError
 
 OBJECTIVES = ("kd", "sft")
 LATENTS = ("projected", "ptq")
-RL_PROMPTS = ("toy", "local")
+DATA_SOURCES = ("task", "calib")
+RL_PROMPTS = ("task", "local")
 
 
 @dataclass
@@ -76,15 +84,15 @@ class RLConfig:
     group_size: int = 8               # samples per prompt (the GRPO group)
     temperature: float = 1.0
     top_p: float = 1.0
-    max_new_tokens: int = 128
+    max_new_tokens: Optional[int] = None   # null: the task's own generation length (a reasoning model's)
     lr: float = 1.0e-5
     clip_eps: float = 0.2
     kl_beta: float = 0.0              # > 0: k3 KL to the model at the start of RL (a frozen copy)
     ppo_epochs: int = 1               # optimizer passes over each batch of samples
     micro_batch: int = 16             # sequences per forward/backward
     max_grad_norm: float = 1.0
-    task: str = "arith"               # whose scorer gives the reward (and renders the prompts)
-    prompts: str = "toy"              # toy: the toy task's *training* problems | local: jsonl (prompt_key, answer_key)
+    task: Optional[str] = None        # whose scorer gives the reward (and renders the prompts); null: method.task
+    prompts: str = "task"             # task: the task's *training* prompts | local: jsonl (prompt_key, answer_key)
     path: Optional[str] = None
     prompt_key: str = "problem"
     answer_key: str = "answer"
@@ -101,11 +109,16 @@ class ReasoningQATConfig(MethodConfig):
     temperature: float = 1.0          # KD temperature
     learn_scales: bool = False
     latent: str = "projected"         # projected: the fp weight where it rounds to the PTQ code, else the PTQ weight | ptq: the PTQ weight
-    data: Optional[CalibConfig] = None   # null: the run's calib set; else a calib-style node
+    task: Optional[str] = None        # the run's task (conf: ${task.name}): training prompts (data=task) and RL reward
+    data: Any = "task"                # task: fp traces on the task's training prompts | calib: the run's calib rows | a calib-style node
+    n_train: int = 2048               # data=task: training documents (prompts)
+    n_val: int = 128                  # held-out validation documents (0: no validation, the last state is kept)
+    max_new_tokens: Optional[int] = None   # data=task: trace length; null: the task's own
     mask_prompts: bool = True
     packing: bool = False
-    seq_len: Optional[int] = None     # cut training documents to this many tokens (null: as built)
-    steps: int = 200
+    seq_len: Optional[int] = None     # rows longer than this are cut into consecutive rows (null: as built)
+    epochs: float = 1.0               # passes over the training documents ...
+    steps: Optional[int] = None       # ... or exactly this many optimizer steps (null: from epochs)
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 1.0e-4                # latent weights
@@ -113,6 +126,8 @@ class ReasoningQATConfig(MethodConfig):
     warmup: int = 10
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    eval_every: Optional[int] = None  # validation loss every this many steps; null: 10 times over the run
+    keep_best: bool = True            # end with the state of the lowest validation loss (step 0 included)
     gradient_checkpointing: bool = False
     save_every: int = 50
     keep_checkpoints: bool = False    # keep the training state files after the method finished
@@ -126,14 +141,18 @@ def check_config(cfg: ReasoningQATConfig) -> None:
               ("objective", cfg.objective in OBJECTIVES, ", ".join(OBJECTIVES)),
               ("temperature", cfg.temperature > 0, "> 0"),
               ("latent", cfg.latent in LATENTS, ", ".join(LATENTS)),
+              ("n_train", cfg.n_train >= 1, "an integer >= 1"), ("n_val", cfg.n_val >= 0, "an integer >= 0"),
+              ("max_new_tokens", cfg.max_new_tokens is None or cfg.max_new_tokens >= 1, "null or an integer >= 1"),
               ("seq_len", cfg.seq_len is None or cfg.seq_len >= 2, "null or an integer >= 2"),
-              ("steps", cfg.steps >= 0, "an integer >= 0"),
+              ("epochs", cfg.epochs > 0, "> 0"),
+              ("steps", cfg.steps is None or cfg.steps >= 0, "null (from epochs) or an integer >= 0"),
               ("batch_size", cfg.batch_size >= 1, "an integer >= 1"),
               ("grad_accum", cfg.grad_accum >= 1, "an integer >= 1"),
               ("lr", cfg.lr >= 0, ">= 0"), ("scale_lr", cfg.scale_lr >= 0, ">= 0"),
               ("warmup", cfg.warmup >= 0, "an integer >= 0"),
               ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
               ("max_grad_norm", cfg.max_grad_norm >= 0, ">= 0 (0: no clipping)"),
+              ("eval_every", cfg.eval_every is None or cfg.eval_every >= 1, "null or an integer >= 1"),
               ("save_every", cfg.save_every >= 1, "an integer >= 1")]
     r = cfg.rl
     checks += [("rl.steps", r.steps >= 0, "an integer >= 0"),
@@ -141,7 +160,7 @@ def check_config(cfg: ReasoningQATConfig) -> None:
                ("rl.group_size", r.group_size >= 2, "an integer >= 2 (advantages are relative to the group)"),
                ("rl.temperature", r.temperature > 0, "> 0 (GRPO samples)"),
                ("rl.top_p", 0 < r.top_p <= 1, "(0, 1]"),
-               ("rl.max_new_tokens", r.max_new_tokens >= 1, "an integer >= 1"),
+               ("rl.max_new_tokens", r.max_new_tokens is None or r.max_new_tokens >= 1, "null or an integer >= 1"),
                ("rl.lr", r.lr >= 0, ">= 0"), ("rl.clip_eps", 0 < r.clip_eps < 1, "(0, 1)"),
                ("rl.kl_beta", r.kl_beta >= 0, ">= 0"), ("rl.ppo_epochs", r.ppo_epochs >= 1, "an integer >= 1"),
                ("rl.micro_batch", r.micro_batch >= 1, "an integer >= 1"),
@@ -150,23 +169,47 @@ def check_config(cfg: ReasoningQATConfig) -> None:
                ("rl.n_prompts", r.n_prompts >= 1, "an integer >= 1"),
                ("rl.save_every", r.save_every >= 1, "an integer >= 1")]
     check_values("method", cfg, checks, get=_get)
-    if r.enabled:
-        if r.task not in registry.available("task"):
-            raise UserError(f"method.rl.task={r.task!r} is not a known task; allowed: "
-                            f"{', '.join(registry.available('task'))}")
-        if r.prompts == "local" and not r.path:
-            raise UserError("method.rl.prompts=local needs method.rl.path=<prompts.jsonl> (one JSON object per line "
-                            f"with {r.prompt_key!r} and {r.answer_key!r} fields)")
     if cfg.init != "none":
         act = getattr(init_method(cfg), "act_spec", None)      # the init method's own checks (init_cfg applied)
         if act is not None:
             raise UserError(f"method.init_cfg.act_bits={act.bits} is not allowed: Reasoning-QAT trains weight-only "
                             f"fake-quant linears; allowed: null")
-    if cfg.data is not None:
+    if isinstance(cfg.data, str):
+        if cfg.data not in DATA_SOURCES:
+            raise UserError(f"method.data={cfg.data!r} is not allowed; allowed: {', '.join(DATA_SOURCES)}, "
+                            f"or a calib-style node such as {{name: local, path: texts.jsonl}}")
+    else:
         try:
             as_calib_config(cfg.data)
         except UserError as e:
             raise UserError(str(e).replace("calib.", "method.data.")) from None
+    if cfg.data == "task":
+        _task_with_train_split(cfg.task, "method.task", "method.data=task", "method.data=calib")
+    if r.enabled:
+        name = r.task or cfg.task
+        key = "method.rl.task" if r.task else "method.task"
+        if r.prompts == "task":
+            _task_with_train_split(name, key, "method.rl.prompts=task", "method.rl.prompts=local method.rl.path=<prompts.jsonl>")
+        elif name not in registry.available("task"):
+            raise UserError(f"{key}={name!r} is not a known task (its scorer gives the RL reward); allowed: "
+                            f"{', '.join(registry.available('task'))}")
+        if r.prompts == "local" and not r.path:
+            raise UserError("method.rl.prompts=local needs method.rl.path=<prompts.jsonl> (one JSON object per line "
+                            f"with {r.prompt_key!r} and {r.answer_key!r} fields)")
+
+
+def _task_with_train_split(name: Optional[str], key: str, what: str, instead: str) -> None:
+    if name not in registry.available("task"):
+        raise UserError(f"{key}={name!r} is not a known task; {what} needs the run's task (allowed: "
+                        f"{', '.join(registry.available('task'))}), or use {instead}")
+    if not hasattr(registry.get("task", name), "train_examples"):
+        raise UserError(f"{key}={name}: this task has no training split to draw prompts from ({what}); "
+                        f"use {instead}")
+
+
+def make_task(name: str):
+    cls = registry.get("task", name)
+    return cls(cls.Config(name=name))
 
 
 def init_method(cfg: "ReasoningQATConfig"):
@@ -184,38 +227,6 @@ def _get(cfg, dotted: str):
     for part in dotted.split("."):
         cfg = getattr(cfg, part)
     return cfg
-
-
-# ------------------------------------------------------------------ training state on disk
-
-def _trainable(model) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _snapshot(model, opt, sched, step: int, **extra) -> dict:
-    return {"step": step, "params": {n: p.detach().cpu().clone() for n, p in _trainable(model).items()},
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else None, **extra}
-
-
-@torch.no_grad()
-def _restore(model, opt, sched, state: dict) -> None:
-    params = _trainable(model)
-    if set(params) != set(state["params"]):
-        raise RuntimeError("saved training state does not match the model's trainable parameters")
-    for n, p in params.items():
-        p.copy_(state["params"][n].to(p.device))
-    opt.load_state_dict(state["optimizer"])
-    if sched is not None and state.get("scheduler") is not None:
-        sched.load_state_dict(state["scheduler"])
-
-
-def _resume(state_file: StateFile, model, opt, sched, log_key: str) -> tuple[Optional[dict], int, list]:
-    """(saved state or None, step to start at, the log so far) — the model and optimizer restored if saved."""
-    saved = state_file.load()
-    if saved is None:
-        return None, 0, []
-    _restore(model, opt, sched, saved)
-    return saved, saved["step"], list(saved[log_key])
 
 
 # ------------------------------------------------------------------ losses
@@ -242,94 +253,51 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(s, y)
 
 
-def _lr_lambda(warmup: int, steps: int) -> Callable[[int], float]:
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-    return f
+def objective_fn(cfg: ReasoningQATConfig, teacher):
+    """loss(model, ids, mask, labels) of the configured objective."""
+    def loss(model, ids, mask, labels):
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        if cfg.objective == "sft":
+            return sft_loss(logits, labels)
+        with torch.no_grad():
+            t_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        return kd_loss(logits, t_logits, labels, cfg.temperature)
+    return loss
 
 
-def batch_order(n_examples: int, n_rows: int, seed: int) -> list[int]:
-    """Example indices for n_rows rows: concatenated seeded permutations (epochs). A pure function of
-    its arguments, so a resumed run draws exactly the batches the interrupted one would have."""
-    gen = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    while len(order) < n_rows:
-        order += torch.randperm(n_examples, generator=gen).tolist()
-    return order[:n_rows]
+def loop_config(cfg: ReasoningQATConfig, n_examples: int) -> LoopConfig:
+    steps = cfg.steps if cfg.steps is not None else steps_for(cfg.epochs, n_examples, cfg.batch_size * cfg.grad_accum)
+    return LoopConfig(steps=steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, warmup=cfg.warmup,
+                      decay="cosine", max_grad_norm=cfg.max_grad_norm, seq_len=cfg.seq_len,
+                      eval_every=cfg.eval_every or max(1, steps // 10), keep_best=cfg.keep_best,
+                      save_every=cfg.save_every, seed=cfg.seed)
 
 
 def train_qat(model, teacher, examples, cfg: ReasoningQATConfig, *, pad_id: int, state_file: StateFile,
-              progress: bool = True, stop_at: Optional[int] = None) -> dict:
-    """QAT of the fake-quant `model` on (ids, labels) examples. Returns {"losses": [...], "resumed_at": int}.
+              val_examples: Optional[list] = None, progress: bool = True, stop_at: Optional[int] = None) -> dict:
+    """QAT of the fake-quant `model` on (ids, labels) examples (harness.train.loop). Returns the training
+    log: {"losses", "val": [[step, loss]], "best_step", "resumed_at", "steps"}.
 
     `stop_at`: leave after that many steps (having saved the state), as a preempted job would.
     """
-    params = _trainable(model)
+    params = trainable(model)
     weights = [p for n, p in params.items() if not n.endswith(".scale")]
     scales = [p for n, p in params.items() if n.endswith(".scale")]
     groups = [{"params": weights, "lr": cfg.lr}] + ([{"params": scales, "lr": cfg.scale_lr}] if scales else [])
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup, cfg.steps))
-    _, start, losses = _resume(state_file, model, opt, sched, "losses")
-    resumed_at = start
-    rows_per_step = cfg.batch_size * cfg.grad_accum
-    order = batch_order(len(examples), cfg.steps * rows_per_step, cfg.seed)
-    device = next(iter(params.values())).device if params else torch.device("cpu")
-    gc_was = bool(getattr(model, "is_gradient_checkpointing", False))
-    if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    bar = tqdm(range(start, cfg.steps), desc=f"reasoning_qat {cfg.objective}", unit="step", disable=not progress,
-               initial=start, total=cfg.steps)
-    try:
-        with torch.enable_grad():
-            for step in bar:
-                if stop_at is not None and step >= stop_at:
-                    break
-                opt.zero_grad(set_to_none=True)
-                total = 0.0
-                rows = order[step * rows_per_step:(step + 1) * rows_per_step]
-                for a in range(cfg.grad_accum):
-                    micro = [examples[i] for i in rows[a * cfg.batch_size:(a + 1) * cfg.batch_size]]
-                    ids, mask, labels = collate(micro, pad_id, device, cfg.seq_len)
-                    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                    if cfg.objective == "kd":
-                        with torch.no_grad():
-                            t_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                        loss = kd_loss(logits, t_logits, labels, cfg.temperature)
-                    else:
-                        loss = sft_loss(logits, labels)
-                    if not torch.isfinite(loss):
-                        raise RuntimeError("reasoning_qat: the training loss is not finite (lower method.lr?)")
-                    (loss / cfg.grad_accum).backward()
-                    total += float(loss.detach()) / cfg.grad_accum
-                if cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
-                opt.step()
-                sched.step()
-                losses.append(total)
-                bar.set_postfix(loss=f"{total:.4f}")
-                done = step + 1
-                if done % cfg.save_every == 0 or done == cfg.steps or (stop_at is not None and done >= stop_at):
-                    state_file.save(_snapshot(model, opt, sched, done, losses=losses))
-    finally:
-        model.eval()
-        if cfg.gradient_checkpointing and not gc_was and hasattr(model, "gradient_checkpointing_disable"):
-            model.gradient_checkpointing_disable()
-        opt.zero_grad(set_to_none=True)
-    return {"losses": losses, "resumed_at": resumed_at}
+    loop = loop_config(cfg, len(examples))
+    log = train(model, opt, objective_fn(cfg, teacher), examples, loop, pad_id=pad_id, val_examples=val_examples,
+                state_file=state_file, progress=progress, desc=f"reasoning_qat {cfg.objective}", stop_at=stop_at,
+                gradient_checkpointing=cfg.gradient_checkpointing)
+    return {**log.as_dict(), "steps": loop.steps}
 
 
 # ------------------------------------------------------------------ GRPO
 
-def rl_examples(rc: RLConfig) -> list[Example]:
+def rl_examples(rc: RLConfig, task) -> list[Example]:
     """Training prompts with verifiable answers (never the task's evaluation split)."""
-    if rc.prompts == "toy":
-        from harness.toy import arith
-        return [Example(id=f"rl-{i}", question=p.question(), gold=str(p.answer))
-                for i, p in enumerate(arith.problems("train", rc.n_prompts, rc.seed))]
+    if rc.prompts == "task":
+        return task.train_examples(rc.n_prompts, rc.seed)
     path = Path(rc.path).expanduser()
     if not path.is_file():
         raise UserError(f"method.rl.path={rc.path!r}: no such file")
@@ -381,10 +349,11 @@ def train_grpo(model, tok, task, cfg: ReasoningQATConfig, *, device, state_file:
     from harness.pipeline import render_prompt
     from harness.seeding import sample_seed
     rc = cfg.rl
-    pool = rl_examples(rc)
-    params = _trainable(model)
+    pool = rl_examples(rc, task)
+    params = trainable(model)
     opt = torch.optim.AdamW(list(params.values()), lr=rc.lr, weight_decay=0.0)
-    saved, start, rewards_log = _resume(state_file, model, opt, None, "rewards")
+    saved = resume(state_file, model, opt, None)
+    start, rewards_log = (saved["step"], list(saved["rewards"])) if saved is not None else (0, [])
     resumed_at = start
     ref = None
     if rc.kl_beta > 0:
@@ -398,7 +367,7 @@ def train_grpo(model, tok, task, cfg: ReasoningQATConfig, *, device, state_file:
         for p in ref_model.parameters():
             p.requires_grad_(False)
         ref_model.eval()
-        ref = {n: p.detach().cpu().clone() for n, p in _trainable(model).items()} if ref is None else ref
+        ref = {n: p.detach().cpu().clone() for n, p in trainable(model).items()} if ref is None else ref
     else:
         ref_model = None
     backend = HFBackend(HFBackendConfig(batch_size=rc.prompts_per_step * rc.group_size), model, tok, device,
@@ -407,7 +376,7 @@ def train_grpo(model, tok, task, cfg: ReasoningQATConfig, *, device, state_file:
     pad = backend.pad_id
     enable_thinking = getattr(task.cfg, "enable_thinking", None)
     sampling = Sampling(n=rc.group_size, temperature=rc.temperature, top_p=rc.top_p,
-                        max_new_tokens=rc.max_new_tokens, seed=rc.seed)
+                        max_new_tokens=rc.max_new_tokens or task.cfg.sampling.max_new_tokens, seed=rc.seed)
     bar = tqdm(range(start, rc.steps), desc="reasoning_qat grpo", unit="step", disable=not progress,
                initial=start, total=rc.steps)
     for step in bar:
@@ -475,19 +444,18 @@ def train_grpo(model, tok, task, cfg: ReasoningQATConfig, *, device, state_file:
             extra = {"rewards": rewards_log}
             if ref is not None:
                 extra["ref"] = ref
-            state_file.save(_snapshot(model, opt, None, done, **extra))
+            state_file.save(snapshot(model, opt, None, done, **extra))
     return {"rewards": rewards_log, "resumed_at": resumed_at}
 
 
 # ------------------------------------------------------------------ the method
 
-def _digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
-
-
-def _greedy(model, tok, device, progress):
-    from harness.quant.finetune_signal import _greedy_generator
-    return _greedy_generator(model, tok, device, progress)
+def _digest(examples: list) -> str:
+    h = hashlib.sha256()
+    for x, y in examples:
+        h.update(x.detach().cpu().contiguous().numpy().tobytes())
+        h.update(y.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 @register_method("reasoning_qat")
@@ -502,15 +470,43 @@ class ReasoningQAT:
 
     # -- pieces, usable on their own (tests, benchmarks) --------------------------------
 
-    def training_ids(self, model, ctx: QuantContext) -> torch.Tensor:
-        """Token ids [n, seq_len] to train on (call before the model is quantized: traces come from it)."""
-        if self.cfg.data is None:
-            return ctx.calibration_ids()
-        try:
-            return calibration_ids(self.cfg.data, ctx.tokenizer, cache_dir=ctx.cache_dir,
-                                   generate=_greedy(model, ctx.tokenizer, ctx.device, ctx.progress))
-        except UserError as e:
-            raise UserError(str(e).replace("calib.", "method.data.")) from None
+    def training_data(self, model, ctx: QuantContext, calib_ids: Optional[torch.Tensor] = None
+                      ) -> tuple[list, list, DataReport]:
+        """(training examples, validation examples, report). Call before the model is quantized: data=task
+        traces come from it."""
+        cfg, tok = self.cfg, ctx.tokenizer
+        if cfg.data == "task":
+            from harness.pipeline import render_prompt
+            from harness.quant.finetune_signal import _greedy_generator, weights_fingerprint
+            task = make_task(cfg.task)
+            exs = task.train_examples(cfg.n_train + cfg.n_val, cfg.seed)
+            prompts = [render_prompt(tok, task.prompt(ex), getattr(task.cfg, "enable_thinking", None)) for ex in exs]
+            model_key = (f"{getattr(tok, 'name_or_path', '')}@"
+                         f"{weights_fingerprint((n, p) for n, p in model.state_dict().items())}")
+            docs, report = trace_documents(prompts, tok, _greedy_generator(model, tok, ctx.device, ctx.progress),
+                                           cache_dir=ctx.cache_dir, model_key=model_key, mask_prompts=cfg.mask_prompts,
+                                           max_new_tokens=cfg.max_new_tokens or task.cfg.sampling.max_new_tokens,
+                                           what="method.data=task")
+            report.how += f" on {len(prompts)} {cfg.task} training prompts"
+        else:
+            if cfg.data == "calib":
+                if calib_ids is None:
+                    raise UserError("method.data=calib needs a calibration set: set calib=...")
+                ids = calib_ids
+            else:
+                try:
+                    ids = calibration_ids(cfg.data, tok, cache_dir=ctx.cache_dir,
+                                          generate=_greedy(model, tok, ctx.device, ctx.progress))
+                except UserError as e:
+                    raise UserError(str(e).replace("calib.", "method.data.")) from None
+            docs, report = examples_from_rows(ids, tok, packing=cfg.packing, mask_prompts=cfg.mask_prompts)
+        train_ex, val_ex = holdout(docs, min(cfg.n_val, max(0, len(docs) - 1)), cfg.seed)
+        train_ex, report = finish(train_ex, report, cfg.seq_len)
+        val_ex = finish(val_ex, DataReport(), cfg.seq_len)[0]
+        report.extra.update(validation_rows=len(val_ex))
+        if not train_ex:
+            raise UserError("reasoning_qat: no token to train on (every label is masked)")
+        return train_ex, val_ex, report
 
     def ptq_init(self, model, ctx: QuantContext, calib_ids: Optional[torch.Tensor]) -> dict:
         """Quantize `model` in place with the init method; then swap in FakeQuantLinear modules seeded from
@@ -536,13 +532,12 @@ class ReasoningQAT:
         return fakequant.attach(model, linears, ctx.spec, codes, learn_scale=cfg.learn_scales, fp_weights=fp)
 
     def examples(self, ids: torch.Tensor, tok) -> tuple[list, str]:
-        from harness.quant.finetune_signal import pft_examples
-        shim = type("S", (), {"packing": self.cfg.packing, "mask_prompts": self.cfg.mask_prompts})()
-        ex, how = pft_examples(ids, tok, shim)
-        ex = [(x, y) for x, y in ex if bool((y[1:] != -100).any())]
+        """Training examples out of packed token rows (harness.train.data.examples_from_rows), and how made."""
+        ex, report = examples_from_rows(ids, tok, packing=self.cfg.packing, mask_prompts=self.cfg.mask_prompts,
+                                        seq_len=self.cfg.seq_len)
         if not ex:
             raise UserError("reasoning_qat: no token to train on (every label is masked)")
-        return ex, how
+        return ex, report.how
 
     def state_files(self, model, ctx: QuantContext, data_digest: str) -> tuple[StateFile, StateFile]:
         from harness.quant.finetune_signal import weights_fingerprint
@@ -568,12 +563,14 @@ class ReasoningQAT:
         t0 = time.perf_counter()
         info: dict[str, Any] = {"init": cfg.init, "objective": cfg.objective}
         calib_ids = ctx.calibration_ids() if ctx.calib is not None else None
-        train_ids = calib_ids if cfg.data is None else self.training_ids(model, ctx)
-        if train_ids is None:
-            raise UserError("method=reasoning_qat needs training data: set calib=... or method.data")
-        qat_file, rl_file = self.state_files(model, ctx, _digest(train_ids))
+        examples, val_examples, report = self.training_data(model, ctx, calib_ids)
+        print(report.line("reasoning_qat training data") + f"; {len(val_examples)} validation rows", flush=True)
+        info.update(train_data=report.how, train_examples=len(examples), data_report=report.as_dict(),
+                    data_seconds=round(time.perf_counter() - t0, 3))
+        qat_file, rl_file = self.state_files(model, ctx, _digest(examples + val_examples))
+        steps = loop_config(cfg, len(examples)).steps
         teacher = None
-        if cfg.objective == "kd" and cfg.steps > 0:
+        if cfg.objective == "kd" and steps > 0:
             teacher = copy.deepcopy(model).eval()          # the unquantized model, never quantized
             for p in teacher.parameters():
                 p.requires_grad_(False)
@@ -582,29 +579,30 @@ class ReasoningQAT:
         t1 = time.perf_counter()
         self.ptq_init(model, ctx, calib_ids)
         info["ptq_seconds"] = round(time.perf_counter() - t1, 3)
-        examples, how = self.examples(train_ids, tok)
-        info.update(train_data=how, train_examples=len(examples))
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         t2 = time.perf_counter()
-        if cfg.steps > 0:
-            out = train_qat(model, teacher, examples, cfg, pad_id=pad, state_file=qat_file, progress=ctx.progress,
-                            stop_at=stop_at)
-            info.update(qat_losses=out["losses"], qat_resumed_at=out["resumed_at"])
-            if len(out["losses"]) < cfg.steps:
+        if steps > 0:
+            out = train_qat(model, teacher, examples, cfg, pad_id=pad_id_of(tok), state_file=qat_file,
+                            val_examples=val_examples, progress=ctx.progress, stop_at=stop_at)
+            info.update(qat_steps=steps, qat_losses=out["losses"], qat_val=out["val"], qat_best_step=out["best_step"],
+                        qat_resumed_at=out["resumed_at"])
+            if len(out["losses"]) < steps:
                 raise TrainingStopped(f"reasoning_qat stopped after QAT step {len(out['losses'])} (state saved)")
+            if out["val"]:
+                print(f"reasoning_qat: validation {cfg.objective} loss {out['val'][0][1]:.4f} at step 0 (PTQ), "
+                      f"best {min(v for _, v in out['val']):.4f} at step {out['best_step']} of {steps}", flush=True)
         info["qat_seconds"] = round(time.perf_counter() - t2, 3)
         del teacher
         if cfg.rl.enabled and cfg.rl.steps > 0:
             t3 = time.perf_counter()
-            task_cls = registry.get("task", cfg.rl.task)
-            task = task_cls(task_cls.Config(name=cfg.rl.task))
-            rl_stop = None if stop_at is None else max(0, stop_at - cfg.steps)
+            task = make_task(cfg.rl.task or cfg.task)
+            rl_stop = None if stop_at is None else max(0, stop_at - steps)
             out = train_grpo(model, tok, task, cfg, device=ctx.device, state_file=rl_file, progress=ctx.progress,
                              stop_at=rl_stop)
             info.update(rl_rewards=out["rewards"], rl_resumed_at=out["resumed_at"],
                         rl_seconds=round(time.perf_counter() - t3, 3))
             if len(out["rewards"]) < cfg.rl.steps:
                 raise TrainingStopped(f"reasoning_qat stopped after RL step {len(out['rewards'])} (state saved)")
+            print("reasoning_qat grpo mean reward per step: " + " ".join(f"{r:.2f}" for r in out["rewards"]), flush=True)
         result = fakequant.detach(model)
         for p in model.parameters():
             p.requires_grad_(False)
@@ -616,5 +614,10 @@ class ReasoningQAT:
         return result
 
 
+def _greedy(model, tok, device, progress):
+    from harness.quant.finetune_signal import _greedy_generator
+    return _greedy_generator(model, tok, device, progress)
+
+
 __all__ = ["ReasoningQAT", "ReasoningQATConfig", "RLConfig", "kd_loss", "sft_loss", "train_qat", "train_grpo",
-           "group_advantages", "grpo_loss", "batch_order", "StateFile", "TrainingStopped"]
+           "group_advantages", "grpo_loss", "batch_order", "collate", "StateFile", "TrainingStopped"]

@@ -28,6 +28,12 @@ class ArithTask(BaseTask):
                         meta={"n_terms": len(p.terms)})
                 for i, p in enumerate(arith.problems("test", self.cfg.n_problems, self.cfg.split_seed))]
 
+    def train_examples(self, n: int, seed: int = 0) -> list[Example]:
+        """n problems of the *training* split (never the evaluated one), for methods that train on the
+        task's domain (Reasoning-QAT's traces and GRPO prompts); a stream apart from calib=toy's."""
+        return [Example(id=f"arith-train-{i}", question=p.question(), gold=str(p.answer))
+                for i, p in enumerate(arith.problems("train", n, f"task-{seed}"))]
+
     def prompt_text(self, ex: Example) -> str:
         return ex.question
 

@@ -299,10 +299,16 @@ def test_response_labels_train_on_responses_only():
     expect = [-100] * (len(tail) + len(p1)) + r1 + [-100] * len(p2) + r2[:3]
     assert labels == expect
     assert response_labels(torch.tensor([row]), None, tok.eos_token_id).tolist() == [row]
-    # whole documents: only p2 + r2 is known to be complete — p1 + r1 follows an unattributable piece (its
-    # start is unknown), the last one is cut by the row's end; the loss is on r2 only
-    docs = split_documents(torch.tensor([row + r2[3:] + p1 + r1[:2]]), marker, tok.eos_token_id)
-    assert [(d.tolist(), y.tolist()) for d, y in docs] == [(p2 + r2, [-100] * len(p2) + r2)]
+    # whole documents out of the rows taken as one stream: the leading tail (no known start) is dropped and
+    # counted, p1 + r1 and p2 + r2 are whole, the last one is kept up to the cut; the loss is on responses only
+    from harness.train.data import DataReport
+    report = DataReport()
+    from harness.train.data import prompt_prefix
+    docs = split_documents(torch.tensor([row + r2[3:] + p1 + r1[:2]]), marker, tok.eos_token_id, report=report,
+                           prefix=prompt_prefix(tok))
+    assert [(d.tolist(), y.tolist()) for d, y in docs] == [
+        (p1 + r1, [-100] * len(p1) + r1), (p2 + r2, [-100] * len(p2) + r2), (p1 + r1[:2], [-100] * len(p1) + r1[:2])]
+    assert (report.kept, report.cut, report.dropped_tokens) == (3, 1, len(tail))
 
 
 def test_pseudo_finetune_runs_from_toy_base_alone(tmp_path):

@@ -51,7 +51,7 @@ def test_step0_is_the_ptq_model(init, latent, bits):
     pcfg = cls.Config(name=init)
     codes = cls(pcfg).quantize(ptq, _ctx(pcfg, spec, tok, ids)).layers
 
-    cfg = ReasoningQATConfig(name="reasoning_qat", init=init, latent=latent)
+    cfg = ReasoningQATConfig(name="reasoning_qat", init=init, latent=latent, data="calib")
     model = _init(cfg, spec)
     mods = fakequant.fake_quant_modules(model)
     assert set(mods) == set(codes) and len(mods) == 28
@@ -74,7 +74,7 @@ def test_step0_is_the_ptq_model(init, latent, bits):
 def test_kd_training_lowers_the_kd_loss():
     base, tok, ids = _toy()
     spec = QuantSpec(bits=2, group_size=128)
-    cfg = ReasoningQATConfig(name="reasoning_qat", steps=20, lr=1e-4, warmup=2, batch_size=4)
+    cfg = ReasoningQATConfig(name="reasoning_qat", steps=20, lr=1e-4, warmup=2, batch_size=4, data="calib")
     model = _init(cfg, spec)
     examples, _ = ReasoningQAT(cfg).examples(ids, tok)
     x, mask, y = collate(examples, 0, "cpu")
@@ -111,7 +111,7 @@ def _final(cfg, spec, cache_dir, stop_at=None):
 def test_preempted_training_resumes_to_the_same_weights(tmp_path):
     spec = QuantSpec(bits=3, group_size=128)
     cfg = ReasoningQATConfig(name="reasoning_qat", steps=6, batch_size=2, lr=3e-4, warmup=1, save_every=2,
-                             learn_scales=True, scale_lr=1e-4,
+                             learn_scales=True, scale_lr=1e-4, task="arith", data="calib", n_val=4, eval_every=2,
                              rl=RLConfig(enabled=True, steps=2, prompts_per_step=2, group_size=4, max_new_tokens=64,
                                          lr=1e-4, save_every=1, kl_beta=0.05))
     whole, r_whole = _final(cfg, spec, tmp_path / "a")
@@ -166,6 +166,7 @@ def test_bad_config_names_the_key(key, value, match):
 
 def test_pipeline_run_exports_the_trained_codes(rq, tmp_path):
     r = rq("method=reasoning_qat", "quant.bits=3", "method.steps=2", "method.batch_size=2", "calib.n_samples=4",
+           "method.n_train=6", "method.n_val=2",
            "method.rl.enabled=true", "method.rl.steps=1", "method.rl.prompts_per_step=2", "method.rl.group_size=2",
            "method.rl.max_new_tokens=32", "task.limit=8", f"results_dir={tmp_path}", "export=packed")
     assert r["method"] == "reasoning_qat" and r["bits"] == 3

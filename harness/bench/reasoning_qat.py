@@ -1,18 +1,18 @@
-"""Reasoning-QAT on the toy: `python -m harness.bench.reasoning_qat [--bits 2 3] [--seeds 0 1 2] ...`
+"""Reasoning-QAT on the toy with the defaults a user gets: `python -m harness.bench.reasoning_qat [--bits 2 3] [--seeds 0 1 2]`
 
-For each (bit width, seed) one PTQ initialisation (GPTQ, g128, asymmetric, calib=toy with calib.seed =
-seed) is followed by three trainings from that same start, each measured on held-out toy problems
-(greedy accuracy of the boxed answer, the arith task's scorer) with its wall time:
+For each (bit width, seed) one PTQ initialisation (GPTQ g128, asymmetric, calib=toy with calib.seed =
+seed, i.e. `rqbench method=reasoning_qat calib.seed=S method.seed=S method.rl.seed=S`) is followed by
+three trainings from that same start, each with the method's default config (conf/method/reasoning_qat.yaml,
+mirrored by ReasoningQATConfig) and measured on held-out toy problems (greedy accuracy of the boxed
+answer, the arith task's scorer) with its wall time:
 
-  ptq      the GPTQ model (= step 0 of QAT, bit for bit)
-  qat-sft  QAT with cross-entropy on the training documents
-  qat-kd   QAT with forward KL to the full-precision model
-  +rl      qat-kd followed by GRPO (reward: the arith scorer on *training* problems)
+  ptq        the GPTQ model (= step 0 of QAT, bit for bit)
+  qat-sft    QAT with cross-entropy on the fp model's traces of arith training problems (data=task)
+  qat-kd     QAT with forward KL to the full-precision model (the default objective)
+  qat-kd+rl  qat-kd followed by GRPO with the default RL settings (reward: the arith scorer, training prompts)
 
-The QAT models are evaluated as fake-quant models, whose forward is exactly the exported checkpoint's
-(same codes, same decode). Training seeds (`method.seed`, `rl.seed`) follow the run seed. Results go to
-a JSON file (default results/bench/reasoning_qat.json) and a table on stdout; the RL reward curves are
-kept per run.
+The training data (fp traces, cached under --cache-dir) are built once per seed and shared. Results go to
+a JSON file, a table on stdout and a PNG of the training / validation loss curves (and GRPO rewards).
 """
 from __future__ import annotations
 
@@ -44,66 +44,81 @@ def run_one(base, tok, bits: int, seed: int, args) -> dict:
     from harness.calib import calibration_ids
     from harness.quant.context import QuantContext
     from harness.quant.quantizer import QuantSpec
-    from methods.reasoning_qat import ReasoningQAT, ReasoningQATConfig, RLConfig, StateFile, train_grpo, train_qat
-    from tasks.arith import ArithConfig, ArithTask
+    from methods.reasoning_qat import (ReasoningQAT, ReasoningQATConfig, RLConfig, StateFile, make_task, train_grpo,
+                                       train_qat)
     spec = QuantSpec(bits=bits, group_size=128)
-    # Rows of 512 tokens hold ~7 toy documents, so they split back into whole documents (packing=false);
-    # 128-token rows would be trained as packed rows with documents cut at the row edges.
-    ids = calibration_ids({"name": "toy", "n_samples": args.n_samples, "seq_len": 512, "seed": seed}, tok)
-    rl = RLConfig(enabled=True, steps=args.rl_steps, prompts_per_step=args.rl_prompts, group_size=args.rl_group,
-                  max_new_tokens=96, lr=args.rl_lr, seed=seed)
-    cfg = ReasoningQATConfig(name="reasoning_qat", steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                             warmup=args.steps // 20, seed=seed, rl=rl)
-    out: dict = {"bits": bits, "seed": seed}
+    ids = calibration_ids({"name": "toy", "n_samples": 128, "seq_len": 128, "seed": seed}, tok)    # calib=toy
+    cfg = ReasoningQATConfig(name="reasoning_qat", task="arith", seed=seed,
+                             rl=RLConfig(enabled=True, seed=seed, **(args.rl or {})), **(args.override or {}))
+    ctx = QuantContext(spec=spec, method_cfg=cfg, tokenizer=tok, calib=lambda: ids, progress=False,
+                       cache_dir=Path(args.cache_dir))
+    t0 = time.perf_counter()
+    examples, val, report = ReasoningQAT(cfg).training_data(base, ctx, ids)
+    out: dict = {"bits": bits, "seed": seed, "data": report.as_dict(), "data_seconds": round(time.perf_counter() - t0, 2)}
 
     def start():
         m = copy.deepcopy(base)
         for p in m.parameters():
             p.requires_grad_(False)
-        t0 = time.perf_counter()
-        ReasoningQAT(cfg).ptq_init(m, QuantContext(spec=spec, method_cfg=cfg, tokenizer=tok, calib=lambda: ids,
-                                                   progress=False), ids)
-        return m, time.perf_counter() - t0
+        t = time.perf_counter()
+        ReasoningQAT(cfg).ptq_init(m, ctx, ids)
+        return m, time.perf_counter() - t
 
     model, ptq_s = start()
     out["ptq"] = {"acc": accuracy(model, tok, args.limit), "seconds": round(ptq_s, 2)}
-    examples, how = ReasoningQAT(cfg).examples(ids, tok)
-    out["train_data"], out["train_examples"] = how, len(examples)
     none = StateFile(None, {})
     for objective in ("sft", "kd"):
         c = replace(cfg, objective=objective)
         model, ptq_s = start()
-        t0 = time.perf_counter()
+        t = time.perf_counter()
         tr = train_qat(model, base if objective == "kd" else None, examples, c, pad_id=tok.pad_token_id,
-                       state_file=none, progress=args.progress)
-        qat_s = time.perf_counter() - t0
-        out[f"qat-{objective}"] = {"acc": accuracy(model, tok, args.limit), "seconds": round(ptq_s + qat_s, 2),
-                                   "loss_first": tr["losses"][0], "loss_last": tr["losses"][-1]}
-    # +rl continues from the qat-kd model just measured
-    task = ArithTask(ArithConfig(name="arith"))
-    t0 = time.perf_counter()
-    g = train_grpo(model, tok, task, cfg, device=torch.device("cpu"), state_file=none, progress=args.progress)
-    rl_s = time.perf_counter() - t0
+                       state_file=none, val_examples=val, progress=args.progress)
+        out[f"qat-{objective}"] = {"acc": accuracy(model, tok, args.limit),
+                                   "seconds": round(ptq_s + time.perf_counter() - t, 2), **tr}
+    t = time.perf_counter()          # +rl continues from the qat-kd model just measured
+    g = train_grpo(model, tok, make_task("arith"), cfg, device=torch.device("cpu"), state_file=none,
+                   progress=args.progress)
     out["qat-kd+rl"] = {"acc": accuracy(model, tok, args.limit),
-                        "seconds": round(out["qat-kd"]["seconds"] + rl_s, 2), "rewards": g["rewards"]}
+                        "seconds": round(out["qat-kd"]["seconds"] + time.perf_counter() - t, 2),
+                        "rewards": g["rewards"]}
     return out
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = report["runs"]
+    fig, axes = plt.subplots(len(runs), 3, figsize=(13, 2.6 * len(runs)), squeeze=False)
+    for ax, r in zip(axes, runs):
+        for col, obj in ((0, "qat-sft"), (1, "qat-kd")):
+            d = r[obj]
+            ax[col].plot(range(1, len(d["losses"]) + 1), d["losses"], lw=0.6, label="train")
+            ax[col].plot([s for s, _ in d["val"]], [v for _, v in d["val"]], "o-", label="validation")
+            if d.get("best_step") is not None:
+                ax[col].axvline(d["best_step"], color="k", ls=":", lw=0.8)
+            ax[col].set_yscale("log")
+            ax[col].set_title(f"W{r['bits']} seed {r['seed']} {obj} (acc {d['acc']:.3f}, ptq {r['ptq']['acc']:.3f})",
+                              fontsize=8)
+            ax[col].legend(fontsize=6)
+        rw = r["qat-kd+rl"]["rewards"]
+        ax[2].plot(range(1, len(rw) + 1), rw, "o-")
+        ax[2].set_title(f"GRPO mean reward (acc {r['qat-kd+rl']['acc']:.3f})", fontsize=8)
+        ax[2].set_ylim(0, 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--limit", type=int, default=200, help="held-out problems evaluated")
-    ap.add_argument("--n-samples", type=int, default=16, help="rows of 512 tokens of toy documents (calib=toy)")
-    ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--rl-steps", type=int, default=15)
-    ap.add_argument("--rl-prompts", type=int, default=8)
-    ap.add_argument("--rl-group", type=int, default=8)
-    ap.add_argument("--rl-lr", type=float, default=1e-5)
+    ap.add_argument("--limit", type=int, default=500, help="held-out problems evaluated (the arith task's 500)")
+    ap.add_argument("--override", type=json.loads, default=None, help="JSON of ReasoningQATConfig fields")
+    ap.add_argument("--rl", type=json.loads, default=None, help="JSON of RLConfig fields")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "rqbench"))
     ap.add_argument("--out", default="results/bench/reasoning_qat.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -119,22 +134,24 @@ def main(argv=None) -> int:
               "runs": []}
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    variants = ("ptq", "qat-sft", "qat-kd", "qat-kd+rl")
     for bits in args.bits:
         for seed in args.seeds:
             r = run_one(base, tok, bits, seed, args)
             report["runs"].append(r)
             out_path.write_text(json.dumps(report, indent=1) + "\n")
-            print(json.dumps({k: (v if not isinstance(v, dict) else {kk: vv for kk, vv in v.items() if kk != "rewards"})
-                              for k, v in r.items()}), flush=True)
-    print(f"\nfp accuracy {report['fp_acc']:.3f} on {args.limit} held-out toy problems")
-    print(f"{'variant':<12}" + "".join(f"{'W%d g128' % b:>24}" for b in args.bits))
-    for v in ("ptq", "qat-sft", "qat-kd", "qat-kd+rl"):
+            print(json.dumps({"bits": bits, "seed": seed, **{v: [r[v]["acc"], r[v]["seconds"]] for v in variants}}),
+                  flush=True)
+    plot(report, out_path.with_suffix(".png"))
+    print(f"\nfp accuracy {report['fp_acc']:.3f} on {args.limit} held-out toy problems; curves: {out_path.with_suffix('.png')}")
+    print(f"{'variant':<12}" + "".join(f"{'W%d g128 acc (s)' % b:>28}" for b in args.bits))
+    for v in variants:
         row = f"{v:<12}"
         for b in args.bits:
             runs = [r[v] for r in report["runs"] if r["bits"] == b]
             accs = [x["acc"] for x in runs]
             sd = statistics.pstdev(accs) if len(accs) > 1 else 0.0
-            row += f"{statistics.mean(accs):>10.3f} ± {sd:.3f} {statistics.mean(x['seconds'] for x in runs):>6.0f}s"
+            row += f"{statistics.mean(accs):>12.3f} ± {sd:.3f} {statistics.mean(x['seconds'] for x in runs):>7.0f}s"
         print(row)
     return 0
 

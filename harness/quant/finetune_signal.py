@@ -45,6 +45,9 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from harness.train.data import (DataReport, collate, examples_from_rows, generation_marker, response_labels,
+                                response_spans, split_documents)
+from harness.train.loop import LoopConfig, train
 from harness.types import check_values, UserError
 
 IMPORTANCE_KINDS = ("quantlrm", "quadratic", "zeros")
@@ -500,86 +503,9 @@ def pft_ids(cfg: PFTConfig, model, tokenizer, *, device, cache_dir=None, model_k
         raise UserError(str(e).replace("calib.", "method.pft.")) from None
 
 
-def generation_marker(tokenizer) -> Optional[list[int]]:
-    """Token ids the chat template puts before an assistant response ("<|im_start|>assistant\\n"), or None."""
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        return None
-    msgs = [{"role": "user", "content": "x"}]
-    try:
-        with_gen = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        without = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
-    except Exception:
-        return None
-    if not with_gen.startswith(without) or len(with_gen) == len(without):
-        return None
-    return tokenizer.encode(with_gen[len(without):], add_special_tokens=False) or None
-
-
-def response_spans(row: torch.Tensor, marker: list[int], eos_id: Optional[int]) -> list[tuple[int, int, bool]]:
-    """(start, stop, closed) of each response in a packed row of chat documents: from after a generation
-    marker through the next EOS (closed) or the row's end (not closed)."""
-    L = len(marker)
-    if row.numel() < L:
-        return []
-    hits = (row.unfold(0, L, 1) == torch.tensor(marker, dtype=row.dtype)).all(-1).nonzero()[:, 0].tolist()
-    spans = []
-    for h in hits:
-        a = h + L
-        ends = (row[a:] == eos_id).nonzero() if eos_id is not None else torch.empty(0, 1)
-        spans.append((a, a + int(ends[0, 0]) + 1, True) if len(ends) else (a, row.numel(), False))
-    return spans
-
-
-def response_labels(ids: torch.Tensor, marker: Optional[list[int]], eos_id: Optional[int]) -> torch.Tensor:
-    """Labels for packed chat documents: a token is trained on only if it is known to be response —
-    after a generation marker, up to and including the next EOS (or the row's end). Prompts, and the
-    unattributable tokens before a row's first marker, get -100. No marker: every token is a label."""
-    if not marker:
-        return ids.clone()
-    labels = torch.full_like(ids, -100)
-    for r in range(ids.shape[0]):
-        for a, b, _ in response_spans(ids[r], marker, eos_id):
-            labels[r, a:b] = ids[r, a:b]
-    return labels
-
-
-def split_documents(ids: torch.Tensor, marker: list[int], eos_id: Optional[int],
-                    mask_prompts: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Whole (prompt + response) documents out of packed chat rows, as (ids, labels) pairs.
-
-    A document runs from just after one response's EOS through the next response's EOS; pieces cut
-    by a row's edges (before its first closed response, after its last) are dropped.
-    """
-    docs = []
-    for r in range(ids.shape[0]):
-        row = ids[r]
-        spans = [s for s in response_spans(row, marker, eos_id) if s[2]]
-        for (_, prev_end, _), (a, b, _) in zip(spans, spans[1:]):
-            x = row[prev_end:b].clone()
-            y = x.clone()
-            if mask_prompts:
-                y[: a - prev_end] = -100
-            docs.append((x, y))
-    return docs
-
-
-def pft_examples(ids: torch.Tensor, tokenizer, cfg: PFTConfig) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], str]:
-    """Training examples (ids, labels) from the packed training ids, and how they were made.
-
-    Chat-formatted data (the tokenizer's generation marker is found): one whole document per example
-    (`packing=false`, the usual SFT) or the packed rows, with the loss on responses only when
-    `mask_prompts`. Plain texts: the packed rows, loss on every token.
-    """
-    marker = generation_marker(tokenizer)
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if marker and bool((response_labels(ids, marker, eos) != -100).any()):
-        if not cfg.packing:
-            docs = split_documents(ids, marker, eos, cfg.mask_prompts)
-            if docs:
-                return docs, "documents" + (", responses only" if cfg.mask_prompts else "")
-        if cfg.mask_prompts:
-            return list(zip(ids, response_labels(ids, marker, eos))), "packed rows, responses only"
-    return [(row, row) for row in ids], "packed rows"
+def pft_examples(ids: torch.Tensor, tokenizer, cfg: PFTConfig) -> tuple[list, "DataReport"]:
+    """Training examples (ids, labels) from the packed training ids (harness.train.data.examples_from_rows)."""
+    return examples_from_rows(ids, tokenizer, packing=cfg.packing, mask_prompts=cfg.mask_prompts)
 
 
 def _greedy_generator(model, tokenizer, device, progress):
@@ -618,7 +544,6 @@ def pseudo_finetuned(model: nn.Module, examples: list[tuple[torch.Tensor, torch.
     flags = {n: p.requires_grad for n, p in params.items()}
     start = {n: params[n].detach().to("cpu", copy=True) for n in train_names}
     was_training = model.training
-    gc_on = bool(getattr(model, "is_gradient_checkpointing", False))
     try:
         if cfg.master_dtype == "float32":
             for p in params.values():
@@ -626,8 +551,6 @@ def pseudo_finetuned(model: nn.Module, examples: list[tuple[torch.Tensor, torch.
                     p.data = p.data.float()
         for n, p in params.items():
             p.requires_grad_(n in train_names)
-        if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable()
         losses = _train(model, [params[n] for n in train_names], examples, cfg, pad_id, progress)
 
         def delta(module_name: str) -> torch.Tensor:
@@ -650,26 +573,11 @@ def pseudo_finetuned(model: nn.Module, examples: list[tuple[torch.Tensor, torch.
                     p.data.copy_(start[n].to(p.device))
                 p.requires_grad_(flags[n])
                 p.grad = None
-        if cfg.gradient_checkpointing and not gc_on and hasattr(model, "gradient_checkpointing_disable"):
-            model.gradient_checkpointing_disable()
         model.train(was_training)
 
 
-def collate(batch: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int, device, seq_len: Optional[int] = None):
-    """Right-padded ids, attention mask and labels (-100 on padding), rows cut to seq_len if given."""
-    if seq_len:
-        batch = [(x[:seq_len], y[:seq_len]) for x, y in batch]
-    width = max(x.numel() for x, _ in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, (x, y) in enumerate(batch):
-        ids[i, :x.numel()], labels[i, :y.numel()], mask[i, :x.numel()] = x, y, 1
-    return ids.to(device), mask.to(device), labels.to(device)
-
-
 def _train(model, params: list[nn.Parameter], examples, cfg: PFTConfig, pad_id: int, progress: bool) -> list[float]:
-    device = params[0].device
+    """Plain SFT on the shared training loop (harness.train.loop): cross-entropy on the labelled tokens."""
     examples = [(x, y) for x, y in examples if bool((y[1:] != -100).any())]     # something to predict
     if not examples:
         raise UserError("quantlrm pseudo fine-tune: no token to train on (every label is masked)")
@@ -678,36 +586,14 @@ def _train(model, params: list[nn.Parameter], examples, cfg: PFTConfig, pad_id: 
     else:
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
-    def lr_at(step):
-        if step < cfg.warmup:
-            return (step + 1) / (cfg.warmup + 1)
-        return 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
+    def loss_fn(m, ids, mask, labels):
+        return m(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    order: list[int] = []
-    losses = []
-    model.train()
-    bar = tqdm(range(cfg.steps), desc="quantlrm pseudo fine-tune", unit="step", disable=not progress)
-    with torch.enable_grad():
-        for _ in bar:
-            while len(order) < cfg.batch_size:          # epochs of seeded permutations
-                order += torch.randperm(len(examples), generator=gen).tolist()
-            rows, order = order[:cfg.batch_size], order[cfg.batch_size:]
-            ids, mask, labels = collate([examples[i] for i in rows], pad_id, device)
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
-            if not torch.isfinite(loss):
-                raise RuntimeError("quantlrm pseudo fine-tune: the loss is not finite (lower method.pft.lr?)")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    model.eval()
-    return losses
+    loop = LoopConfig(steps=cfg.steps, batch_size=cfg.batch_size, warmup=cfg.warmup, decay="cosine",
+                      max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, save_every=cfg.steps)
+    log = train(model, opt, loss_fn, examples, loop, pad_id=pad_id, progress=progress,
+                desc="quantlrm pseudo fine-tune", gradient_checkpointing=cfg.gradient_checkpointing)
+    return log.losses
 
 
 __all__ = ["CheckpointWeights", "resolve_checkpoint", "declared_base", "weights_fingerprint", "UpdateStats",
