@@ -9,6 +9,7 @@ from harness.tasks_base import BaseTask, TaskConfig
 from harness.types import Example, Score, UserError
 
 HUB_ID, HUB_SPLIT = "HuggingFaceH4/MATH-500", "test"
+TRAIN_HUB_ID = "AI-MO/NuminaMath-1.5"       # training prompts (train_examples), as harness.calib's reasoning default
 # The DeepSeek-R1 / "Quantization Hurts Reasoning?" instruction for math problems.
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 FIELDS = ("problem", "answer", "subject", "level", "unique_id")
@@ -43,6 +44,18 @@ class Math500Task(BaseTask):
             out.append(Example(id=str(r["unique_id"]), question=r["problem"], gold=str(r["answer"]),
                                meta={"subject": r["subject"], "level": _level(r["level"], f"{source} record {i}")}))
         return out
+
+    def train_examples(self, n: int, seed: int = 0) -> list[Example]:
+        """n training problems of the task's domain for methods that train (Reasoning-QAT's traces, GRPO
+        prompts): NuminaMath-1.5 (calib=reasoning's default prompt set) rows with an answer, MATH-500's own
+        problems left out, in a seeded order."""
+        import random
+        from harness.tasks_base import load_hub_records
+        held = {ex.question.strip() for ex in self.load()}
+        rows = [r for r in load_hub_records(TRAIN_HUB_ID, None, "train", None, self.name)
+                if str(r.get("answer") or "").strip() and str(r.get("problem", "")).strip() not in held]
+        picked = random.Random(f"train-{seed}").sample(rows, min(n, len(rows)))
+        return [Example(id=f"train-{i}", question=r["problem"], gold=str(r["answer"])) for i, r in enumerate(picked)]
 
     def prompt_text(self, ex: Example) -> str:
         return f"{ex.question}\n{MATH_INSTRUCTION}"

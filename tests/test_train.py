@@ -161,7 +161,7 @@ def test_reasoning_qat_default_data_are_task_traces_apart_from_calibration(tmp_p
 
 
 @pytest.mark.parametrize("node,match", [({"task": None}, "method.task=None"),
-                                        ({"task": "math500"}, "no training split"),
+                                        ({"task": "gpqa_diamond"}, "no training split"),
                                         ({"data": "calib", "task": None, "rl": {"enabled": True}}, "method.task"),
                                         ({"data": "bogus"}, "method.data='bogus'")])
 def test_task_data_needs_a_task_with_a_training_split(node, match):
