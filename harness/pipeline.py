@@ -21,7 +21,6 @@ from harness import __version__, tracking
 from harness.config import RunSpec
 from harness.metrics import compute_metrics
 from harness.quant.context import QuantContext
-from harness.quant.select import quantizable_linears
 from harness.seeding import sample_seed
 from harness.store import (LockBusy, SampleStore, cached_dir, checkpoint_fingerprint, describe_holder, dir_state, run_lock,
                            stable_hash, write_json_atomic)
@@ -74,7 +73,8 @@ def load_model(source: str, spec: RunSpec, device: torch.device):
 
 
 def check_spec_before_loading(source: str, spec: RunSpec) -> None:
-    """Group size vs layer widths, on a weightless (meta) model built from config.json alone."""
+    """The family and the method fit (harness/arch.py), group size vs layer widths, on a weightless (meta)
+    model built from config.json alone."""
     if not getattr(spec.method_cls, "quantizes", True):
         return
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -84,12 +84,18 @@ def check_spec_before_loading(source: str, spec: RunSpec) -> None:
     except Exception as e:
         raise UserError(f"model.path={source!r}: could not read its config ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:300]})") from None
+    from harness import arch
+    rotates = getattr(spec.method, "rotates", None)
+    arch.check_method(config, spec.method_cls.name, rotate=bool(rotates and rotates(spec.spec)))
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.model.trust_remote_code)
-    linears = quantizable_linears(skeleton, spec.method_cfg.include, spec.method_cfg.exclude)
-    if not linears:
+    weights = arch.selected_weights(skeleton, spec.method_cfg.include, spec.method_cfg.exclude)
+    if not weights:
         raise UserError(f"method.include={spec.method_cfg.include!r} selects no Linear module of this model")
-    for name, lin in linears.items():
+    if spec.top.export == "packed" and any(isinstance(w, arch.ExpertMatrix) for w in weights.values()):
+        raise UserError(f"export=packed cannot hold the fused 3-D expert tensors of model_type {config.model_type!r} "
+                        f"(compressed-tensors pack-quantized describes nn.Linear weights only); allowed: export=fake")
+    for name, lin in weights.items():
         spec.spec.check_width(name, lin.in_features)
 
 
@@ -229,16 +235,21 @@ def build_checkpoint(spec: RunSpec, tok, source: str, device, cfg_dict: dict, ti
                            cache_dir=Path(spec.top.cache_dir).expanduser(), progress=spec.top.progress)
         with timer.stage("quantize"):
             result = spec.method.quantize(model, ctx)
+        from harness import arch      # no W<b> label on weights left in full precision
+        built["coverage"] = arch.check_coverage(model, set(result.layers), spec.method_cfg.include,
+                                                spec.method_cfg.exclude, f"method={spec.method_cls.name} ({name})")
         with timer.stage("export"):
             save_checkpoint(model, tok, result, tmp, spec.top.export,
-                            provenance={"method": spec.method_cls.name, "key": key,
+                            provenance={"method": spec.method_cls.name, "key": key, "coverage": built["coverage"],
                                         "rqbench_version": __version__, "config": cfg_dict})
             (tmp / "rqbench_key.json").write_text(json.dumps(key, indent=1, default=str) + "\n")
         built["model"] = model
 
     path, here = cached_dir(root, name, build, timeout_s=wait_s,
                             on_wait=lambda h: log(f"another job is quantizing {name} ({describe_holder(h)}); waiting"))
-    return {"checkpoint": str(path), "cached": not here}, built.get("model")
+    from harness.quant.export import read_provenance
+    coverage = built.get("coverage") or read_provenance(path).get("coverage")    # fraction quantized (harness/arch.py)
+    return {"checkpoint": str(path), "cached": not here, "coverage": coverage}, built.get("model")
 
 
 def release(model) -> None:

@@ -9,12 +9,20 @@ architecture and computes the same function before quantization. A per-group cli
 searched on the scaled weights (minimising each group's partial-output error on a token subsample)
 and the weights are quantized on the shared quantizer's grid.
 
-Scale groups of a Llama/Qwen decoder layer:
+Scale groups come from the architecture descriptors (harness/arch.py: which norm or linear feeds which
+linears, per family; fused phi3 projections by row slices; Gemma's (1 + w) norms; OLMo's post-norm layers
+have only o and down; MoE: the post-attention norm feeds every expert's gate_up and the router). Llama/Qwen:
   qkv     input_layernorm           -> q_proj, k_proj, v_proj   (error measured on self_attn's output)
-  o       v_proj                    -> o_proj                   (on o_proj; GQA: one scale per kv channel,
-                                                                 shared by the query heads that read it)
+  o       v_proj                    -> o_proj                   (on o_proj; skipped under GQA by default)
   gate_up post_attention_layernorm  -> gate_proj, up_proj       (on the MLP's output)
   down    up_proj                   -> down_proj                (on down_proj)
+Every group the descriptor has is searched or logged in QuantResult.info["skipped"] with the reason.
+
+Defaults follow llm-awq (conf/method/awq.yaml names the file of each): scales and clips searched on the
+full-precision model's activations (`search_inputs=fp`), v->o skipped when the shapes differ (GQA), clip
+= clamp to ±(1 − i/20)·max|w| (`clip_mode=absmax`). Fused MoE experts: gate_up is scaled through the
+norm (the router's columns too) and clipped on every token entering the experts; each expert's up->down
+pair is not searched (logged).
 
 `search_scale` is the reusable piece: it takes any importance vector, so QuantLRM plugs its
 weight-update importance into the same search (and picks the groups via `groups`).
@@ -30,40 +38,36 @@ import torch
 import torch.nn as nn
 
 from harness.quant.context import MethodConfig, QuantContext
-from harness.quant.quantizer import QuantSpec, compute_qparams, quantize_weight
-from harness.quant.runner import LayerwiseRunner, record_calls, record_inputs, tokens_of
+from harness import arch
+from harness.quant import fold as folding
+from harness.quant.quantizer import QuantSpec, compute_qparams, qparams_from_range, quantize_weight
+from harness.quant.runner import LayerwiseRunner, record_calls, record_inputs, tokens_of, warn
 from harness.registry import register_method
 from harness.types import check_values, QuantizedLinear, QuantResult, UserError
 
 
 # ------------------------------------------------------------------ scale groups
 
-@dataclass(frozen=True)
-class ScaleGroup:
-    name: str
-    prev: str                       # module (relative to the decoder layer) whose output the linears read
-    linears: tuple[str, ...]        # relative names
-    inspect: str                    # module whose output measures the error
-
-
-SCALE_GROUPS = {
-    "qkv": ScaleGroup("qkv", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                      "self_attn"),
-    "o": ScaleGroup("o", "self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"),
-    "gate_up": ScaleGroup("gate_up", "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
-    "down": ScaleGroup("down", "mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
-}
+# The scale groups (which op feeds which linears, per family) are the architecture descriptors' folds
+# (harness/arch.py); method.groups picks among these names.
+GROUP_NAMES = ("qkv", "o", "gate_up", "down")
+SEARCH_INPUTS = ("fp", "quantized")
+GQA_O = ("skip", "shared", "per_head")
+CLIP_MODES = ("absmax", "minmax")
 
 
 @dataclass
 class AWQConfig(MethodConfig):
-    groups: list = field(default_factory=lambda: ["qkv", "o", "gate_up", "down"])
+    groups: Optional[list] = None           # null: every group the family's descriptor has (arch.py)
+    search_inputs: str = "fp"               # fp: layer inputs from the full-precision model (llm-awq) | quantized
+    gqa_o: str = "skip"                     # v->o when o reads v repeated (GQA): skip (llm-awq) | shared | per_head
     grid: int = 20                          # ratios r = i / grid, i = 0..grid-1
     normalize_scales: bool = True           # s / sqrt(max(s) min(s))
     duo_scaling: bool = False               # s = x^r / w^(1-r) (AutoAWQ / llm-compressor) instead of x^r
     clip: bool = True                       # per-group clip search after scaling
     clip_grid: int = 20
     clip_max_shrink: float = 0.5            # ratios 1, 1 - 1/clip_grid, ... down to 1 - max_shrink (exclusive)
+    clip_mode: str = "absmax"               # absmax: clamp to ±r·max|w| (llm-awq) | minmax: min·r, max·r
     clip_tokens: int = 512                  # tokens (evenly strided) used by the clip search
     clip_skip: list = field(default_factory=lambda: [r"q_proj$", r"k_proj$"])   # q·k: error not local
     batch_tokens: int = 8192
@@ -71,10 +75,13 @@ class AWQConfig(MethodConfig):
 
 
 def check_config(cfg: AWQConfig) -> None:
-    bad = [g for g in cfg.groups if g not in SCALE_GROUPS]
+    bad = [g for g in (cfg.groups or []) if g not in GROUP_NAMES]
     if bad:
-        raise UserError(f"method.groups contains {bad!r}; allowed: {', '.join(SCALE_GROUPS)}")
-    checks = [("grid", cfg.grid >= 1, "an integer >= 1"), ("clip_grid", cfg.clip_grid >= 1, "an integer >= 1"),
+        raise UserError(f"method.groups contains {bad!r}; allowed: {', '.join(GROUP_NAMES)} (or null: all)")
+    checks = [("search_inputs", cfg.search_inputs in SEARCH_INPUTS, ", ".join(SEARCH_INPUTS)),
+              ("gqa_o", cfg.gqa_o in GQA_O, ", ".join(GQA_O)),
+              ("clip_mode", cfg.clip_mode in CLIP_MODES, ", ".join(CLIP_MODES)),
+              ("grid", cfg.grid >= 1, "an integer >= 1"), ("clip_grid", cfg.clip_grid >= 1, "an integer >= 1"),
               ("clip_max_shrink", 0 <= cfg.clip_max_shrink < 1, "[0, 1)"),
               ("clip_tokens", cfg.clip_tokens >= 1, "an integer >= 1"),
               ("batch_tokens", cfg.batch_tokens >= 1, "an integer >= 1"),
@@ -106,13 +113,25 @@ def weight_mean(linears: list[nn.Linear], spec: QuantSpec) -> torch.Tensor:
     return total / rows
 
 
-def qdq(w: torch.Tensor, spec: QuantSpec, dtype: torch.dtype, clip_ratio=None) -> torch.Tensor:
+def clip_qparams(w: torch.Tensor, spec: QuantSpec, ratio=None, mode: str = "minmax"):
+    """Per-group (scale, zero) with a clip ratio: minmax shrinks min and max by the ratio; absmax clamps the
+    weights to ±ratio·max|w| first, then takes their min/max (llm-awq auto_clip.py: auto_clip_layer)."""
+    if ratio is None or mode == "minmax":
+        return compute_qparams(w, spec, clip_ratio=ratio)
+    out, inp = w.shape
+    g = inp if spec.group_size <= 0 else spec.group_size
+    wg = w.float().reshape(out, inp // g, g)
+    lim = wg.abs().amax(-1) * ratio
+    return qparams_from_range(torch.maximum(wg.amin(-1), -lim), torch.minimum(wg.amax(-1), lim), spec)
+
+
+def qdq(w: torch.Tensor, spec: QuantSpec, dtype: torch.dtype, clip_ratio=None, mode: str = "minmax") -> torch.Tensor:
     """Quantize-dequantize on the shared grid with the scale rounded to the checkpoint dtype (float32).
 
     Same arithmetic as the shared quantizer (round(w / s) + z, clamp, (q - z) · s), with the per-group
     scale broadcast over its group instead of expanded to the weight's shape.
     """
-    scale, zero = compute_qparams(w, spec, clip_ratio=clip_ratio)
+    scale, zero = clip_qparams(w, spec, clip_ratio, mode)
     s = scale.to(dtype).float().unsqueeze(-1)
     z = zero.unsqueeze(-1)
     out, inp = w.shape
@@ -195,50 +214,25 @@ def search_scale(importance: torch.Tensor, linears: list[nn.Linear], evaluate: C
 
 # ------------------------------------------------------------------ folding
 
-@torch.no_grad()
-def fold_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor, expand: Optional[torch.Tensor] = None):
-    """prev's output channels /= s, the linears' input columns *= s: the block computes the same function."""
-    s = s.float()
-    cols = s if expand is None else s[expand]
-    if isinstance(prev, nn.Linear):
-        if prev.out_features != s.numel():
-            raise ValueError(f"cannot fold a scale of {s.numel()} channels into a Linear with {prev.out_features} outputs")
-        prev.weight.data.copy_((prev.weight.data.float() / s[:, None]).to(prev.weight.dtype))
-        if prev.bias is not None:
-            prev.bias.data.copy_((prev.bias.data.float() / s).to(prev.bias.dtype))
-    else:
-        w = getattr(prev, "weight", None)
-        if w is None or w.shape != s.shape:
-            raise ValueError(f"cannot fold a scale into {type(prev).__name__} (needs a per-channel weight)")
-        if "gemma" in type(prev).__name__.lower():
-            raise ValueError(f"{type(prev).__name__} scales by (1 + weight): folding is not supported")
-        w.data.copy_((w.data.float() / s).to(w.dtype))
-        b = getattr(prev, "bias", None)
-        if isinstance(b, torch.Tensor):
-            b.data.copy_((b.data.float() / s).to(b.dtype))
-    for lin in linears:
-        lin.weight.data.copy_((lin.weight.data.float() * cols).to(lin.weight.dtype))
+def fold_scale(prev: nn.Module, linears: list, s: torch.Tensor, expand: Optional[torch.Tensor] = None,
+               norm_offset: float = 0.0):
+    """prev's output channels /= s, the linears' input columns *= s: the block computes the same function.
+    (harness.quant.fold does the arithmetic; methods fold through the descriptors with fold.apply.)"""
+    folding.divide_outputs(prev, s, None, norm_offset)
+    folding.multiply_inputs(linears, s, expand)
 
 
 def gqa_expand(attn: nn.Module, v: nn.Linear, o: nn.Linear) -> Optional[torch.Tensor]:
     """Index [o.in_features] -> v channel, or None when v and o line up one to one (no GQA)."""
-    if v.out_features == o.in_features:
-        return None
-    head_dim = getattr(attn, "head_dim", None)
-    if not head_dim or v.out_features % head_dim or o.in_features % v.out_features:
-        raise ValueError(f"cannot map o_proj inputs ({o.in_features}) to v_proj outputs ({v.out_features})")
-    kv = v.out_features // head_dim
-    rep = o.in_features // v.out_features
-    # o_proj input column (kv_head * rep + r) * head_dim + d reads v channel kv_head * head_dim + d
-    idx = (torch.arange(kv)[:, None, None] * head_dim + torch.arange(head_dim)[None, None, :]).expand(kv, rep, head_dim)
-    return idx.reshape(-1).to(v.weight.device)
+    idx = folding.gqa_expand(None, v.out_features, o.in_features, getattr(attn, "head_dim", None))
+    return None if idx is None else idx.to(v.weight.device)
 
 
 # ------------------------------------------------------------------ clipping
 
 @torch.no_grad()
 def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, *, grid: int = 20, max_shrink: float = 0.5,
-                out_batch: int = 1024) -> torch.Tensor:
+                out_batch: int = 1024, mode: str = "minmax") -> torch.Tensor:
     """Per (row, group) clip ratio minimising the group's partial-output error on tokens x [n, in].
 
     The error of group g of row o is mean_t (x_tg · Δw_og)² = Δw_og G_g Δw_ogᵀ / n with G_g = X_gᵀ X_g,
@@ -254,7 +248,7 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, *, grid: int 
     best_err = torch.full((out, ng), float("inf"), device=w.device)
     wf = w.float()
     for r in ratios:
-        d = qdq(wf, spec, w.dtype, clip_ratio=r) - wf
+        d = qdq(wf, spec, w.dtype, clip_ratio=r, mode=mode) - wf
         for o1 in range(0, out, out_batch):
             db = d[o1:o1 + out_batch].reshape(-1, ng, g).transpose(0, 1)     # [ng, ob, g]
             err = (torch.bmm(db, gram) * db).sum(-1).T                          # [ob, ng]
@@ -316,24 +310,38 @@ class AWQ:
         check_config(cfg)
         self.cfg = cfg
 
-    def importance(self, win, group: ScaleGroup, x_abs_mean: torch.Tensor, linears: dict) -> torch.Tensor:
+    def importance(self, win, group: arch.Fold, x_abs_mean: torch.Tensor, linears: dict) -> torch.Tensor:
         """Per-channel importance of a scale group (AWQ: mean |activation|). QuantLRM overrides this."""
         return x_abs_mean
+
+    def groups_for(self, fam: arch.Family) -> list[str]:
+        """The scale groups searched on this family (method.groups; null: all the descriptor has)."""
+        return list(self.cfg.groups) if self.cfg.groups is not None else fam.fold_names()
 
     @torch.no_grad()
     def quantize(self, model, ctx: QuantContext) -> QuantResult:
         ids = ctx.calibration_ids()          # before any weight changes (reasoning traces use the fp model)
         cfg, spec = self.cfg, ctx.spec
-        result = QuantResult(info={"scales": {}})
+        self.fam = arch.check_method(model, self.name)
+        self.config = model.config
+        wanted = self.groups_for(self.fam)
+        result = QuantResult(info={"scales": {}, "skipped": {}, "search_inputs": cfg.search_inputs})
+        absent = [g for g in wanted if g not in self.fam.fold_names()]
+        if absent:          # e.g. OLMo (post-norm): no norm feeds q/k/v or the MLP
+            why = "post-norm: no norm feeds these linears" if self.fam.post_norm else "not in the descriptor"
+            result.info["skipped"]["*"] = f"groups {absent} do not exist for model_type " \
+                                          f"{model.config.model_type!r} ({why})"
+            warn(f"{self.name}: {result.info['skipped']['*']}; searching {[g for g in wanted if g not in absent]}")
+        self._wanted = wanted
         runner = LayerwiseRunner(model, ids, ctx.device, batch_tokens=cfg.batch_tokens, offload=cfg.offload,
                                  progress=ctx.progress, desc=self.name)
         clip_step = max(1, ids.numel() // cfg.clip_tokens)
-        runner.run(lambda win: self.quantize_window(win, spec, clip_step, result))
+        runner.run(lambda win: self.quantize_window(win, spec, clip_step, result), inputs=cfg.search_inputs)
         return result
 
     def quantize_window(self, win, spec: QuantSpec, clip_step: int, result: QuantResult) -> None:
         cfg = self.cfg
-        selected = win.linears(cfg.include, cfg.exclude)
+        selected = win.weights(cfg.include, cfg.exclude)
         if not selected:
             return
         for name, lin in selected.items():
@@ -343,78 +351,110 @@ class AWQ:
             if mine:
                 self._quantize_layer(win, prefix, layer, mine, spec, clip_step, result)
 
+    def _plan(self, prefix, layer, rel, result) -> list:
+        """(fold, selected readers, GQA expand index, key) for every group searched in this layer; every other
+        group of the descriptor is logged in result.info["skipped"] with the reason."""
+        cfg, plan = self.cfg, []
+        for i, f in enumerate(arch.layer_folds(self.fam, layer)):
+            key = f"{prefix}.{f.name}" + ("" if f.when in (None, "self_attn", "linear_attn", "mlp.gate_proj",
+                                                           "mlp.up_proj", "mlp.experts") else f"@{f.when}")
+            if f.name not in self._wanted:
+                continue
+            lins = [rel[n] for n in f.linears if n in rel]
+            if not lins:
+                result.info["skipped"][key] = "none of its linears is selected"
+                continue
+            if f.per_expert:
+                result.info["skipped"][key] = "per-expert up->down scaling is not searched (experts quantized plainly)"
+                continue
+            expand = None
+            if f.gqa_pair:
+                o = arch.resolve(layer, f.linears[0])
+                v_ch = folding.channels(layer, f, self.config)[0]
+                expand = folding.gqa_expand(self.config, v_ch, o.in_features)
+                if expand is not None and cfg.gqa_o == "skip":
+                    result.info["skipped"][key] = "v->o under GQA (shapes differ): skipped as llm-awq/AutoAWQ do"
+                    continue
+            plan.append((f, lins, expand, key))
+        return plan
+
     def _quantize_layer(self, win, prefix, layer, selected, spec, clip_step, result) -> None:
         cfg = self.cfg
         rel = {n[len(prefix) + 1:]: m for n, m in selected.items()}
-        modules = dict(layer.named_modules())
-        groups = []
-        for gname in cfg.groups:
-            g = SCALE_GROUPS[gname]
-            lins = [rel[n] for n in g.linears if n in rel]
-            if lins and g.prev in modules and g.inspect in modules:
-                groups.append((g, lins))
+        plan = self._plan(prefix, layer, rel, result)
 
-        # One full-precision forward: calls of the inspected blocks, a token sample of every linear's input.
-        calls = {g.name: [] for g, _ in groups}
-        samples = {n: _TokenSample(clip_step) for n in rel}
-        stack = [record_calls(modules[g.inspect], calls[g.name]) for g, _ in groups]
-        stack.append(record_inputs(rel, lambda n, x: samples[n].add(x)))
+        # One forward of the layer (its weights still full precision): calls of the inspected blocks and a
+        # token sample of every selected weight's input (expert gate_up: every token entering the experts,
+        # as llm-compressor's calibrate-all-experts; expert down_proj: none, so no clip search).
+        calls = {key: [] for *_, key in plan}
+        hooked = {}
+        for rn, m in rel.items():
+            if isinstance(m, nn.Module):
+                hooked[rn] = m
+            elif rn.endswith("gate_up_proj"):
+                hooked[rn] = arch.resolve(layer, rn.rpartition(".")[0])
+        samples = {n: _TokenSample(clip_step) for n in hooked}
+        stack = [record_calls(arch.resolve(layer, f.inspect), calls[key]) for f, _, _, key in plan]
+        stack.append(record_inputs(hooked, lambda n, x: samples[n].add(x)))
         for cm in stack:
             cm.__enter__()
         try:
-            # stop once every recorded module was reached: the layer's last linear need not compute
-            win.forward(stop_before=[modules[g.inspect] for g, _ in groups] + list(rel.values()))
+            stops = [arch.resolve(layer, f.inspect) for f, *_ in plan] + list(hooked.values())
+            win.forward(stop_before=stops or None)
         finally:
             for cm in reversed(stack):
                 cm.__exit__(None, None, None)
 
         # Scale search per group on the full-precision layer (AWQ searches all groups, then applies).
         found = []
-        for g, lins in groups:
-            block = modules[g.inspect]
-            xs = [_call_input(a, k) for a, k in calls[g.name]]
+        for f, lins, expand, key in plan:
+            block = arch.resolve(layer, f.inspect)
+            xs = [_call_input(a, k) for a, k in calls[key]]
             lone = isinstance(block, nn.Linear) and len(lins) == 1 and lins[0] is block
-            refs = None if lone else [_first(block(*a, **k)) for a, k in calls[g.name]]
+            refs = None if lone else [_first(block(*a, **k)) for a, k in calls[key]]
             abs_sum = sum(tokens_of(x).abs().sum(0) for x in xs)
             x_mean = abs_sum / sum(tokens_of(x).shape[0] for x in xs)
-            prev = modules[g.prev]
-            expand = gqa_expand(modules["self_attn"], prev, lins[0]) if g.name == "o" else None
-            imp = self.importance(win, g, x_mean, {n: rel[n] for n in g.linears if n in rel})
+            n_prev = folding.channels(layer, f, self.config)[0]
+            imp = self.importance(win, f, x_mean, {n: rel[n] for n in f.linears if n in rel})
             wmean = weight_mean(lins, spec) if cfg.duo_scaling else None
-            if expand is not None:          # reduce to v channels: mean over the query heads sharing each
-                imp = _reduce_to(imp, expand, prev.out_features)
+            search_expand = expand
+            if expand is not None and cfg.gqa_o == "shared":    # one importance per v channel before the search
+                imp = _reduce_to(imp, expand, n_prev)
                 if wmean is not None:
-                    wmean = _reduce_to(wmean, expand, prev.out_features)
+                    wmean = _reduce_to(wmean, expand, n_prev)
+            elif expand is not None:                             # per_head: search in o's input space
+                search_expand = None
             n_tokens = sum(tokens_of(x).shape[0] for x in xs)
             if lone and GramLoss.worth_it(block, n_tokens):
                 evaluate = GramLoss(xs, block)           # a lone linear: same loss, from the Gram matrix
             else:
                 if refs is None:
-                    refs = [_first(block(*a, **k)) for a, k in calls[g.name]]
-                evaluate = functools.partial(_replay, block, calls[g.name], refs)
-            res = search_scale(imp, lins, evaluate, spec, grid=cfg.grid,
-                               normalize=cfg.normalize_scales, expand=expand, duo_weight_mean=wmean)
+                    refs = [_first(block(*a, **k)) for a, k in calls[key]]
+                evaluate = functools.partial(_replay, block, calls[key], refs)
+            res = search_scale(imp, lins, evaluate, spec, grid=cfg.grid, normalize=cfg.normalize_scales,
+                               expand=search_expand, duo_weight_mean=wmean)
+            if expand is not None and search_expand is None:     # QuantLRM's downsample_scales: mean over heads
+                res.scale = _reduce_to(res.scale, expand, n_prev)
             del evaluate
-            found.append((g, lins, prev, res, expand))
-            result.info["scales"][f"{prefix}.{g.name}"] = {"ratio": res.ratio, "loss": res.loss,
-                                                           "rtn_loss": res.base_loss}
+            found.append((f, lins, res, expand))
+            result.info["scales"][key] = {"ratio": res.ratio, "loss": res.loss, "rtn_loss": res.base_loss}
             del refs, xs
         calls.clear()
-        for g, lins, prev, res, expand in found:
-            fold_scale(prev, lins, res.scale, expand)
+        for f, lins, res, expand in found:
+            folding.apply(layer, self.fam, f, res.scale, self.config, expand)
             cols = res.scale if expand is None else res.scale[expand]
-            for rn in g.linears:
+            for rn in f.linears:
                 if rn in samples:
-                    samples[rn].parts = [p / cols for p in samples[rn].parts]
+                    samples[rn].parts = [p / cols.to(p.device) for p in samples[rn].parts]
 
-        # Clip search on the scaled weights, then quantize every selected linear of the layer.
+        # Clip search on the scaled weights, then quantize every selected weight of the layer.
         skip = [re.compile(p) for p in cfg.clip_skip]
         for rn, lin in rel.items():
             ratio = None
-            if cfg.clip and not any(p.search(rn) for p in skip):
+            if cfg.clip and rn in samples and not any(p.search(rn) for p in skip):
                 ratio = search_clip(lin.weight.data, samples[rn].tensor(), spec, grid=cfg.clip_grid,
-                                    max_shrink=cfg.clip_max_shrink)
-            q, deq = _quantize(lin.weight.data, spec, ratio)
+                                    max_shrink=cfg.clip_max_shrink, mode=cfg.clip_mode)
+            q, deq = _quantize(lin.weight.data, spec, ratio, cfg.clip_mode)
             lin.weight.data.copy_(deq)
             result.layers[f"{prefix}.{rn}"] = q
         samples.clear()
@@ -426,13 +466,13 @@ def _reduce_to(v: torch.Tensor, expand: torch.Tensor, n: int) -> torch.Tensor:
     return out / cnt
 
 
-def _quantize(w: torch.Tensor, spec: QuantSpec, clip_ratio) -> tuple[QuantizedLinear, torch.Tensor]:
+def _quantize(w: torch.Tensor, spec: QuantSpec, clip_ratio, mode: str = "minmax") -> tuple[QuantizedLinear, torch.Tensor]:
     """Codes on the shared grid (scale rounded to w's dtype); dequantized weight in w's dtype."""
-    scale, zero = compute_qparams(w, spec, clip_ratio=clip_ratio)
+    scale, zero = clip_qparams(w, spec, clip_ratio, mode)
     q, deq = quantize_weight(w, spec, scale=scale.to(w.dtype).float(), zero=zero)
     return QuantizedLinear(codes=q.codes.cpu(), scale=q.scale.cpu(), zero=q.zero.cpu(), bits=q.bits,
                            group_size=q.group_size, sym=q.sym), deq
 
 
-__all__ = ["AWQ", "AWQConfig", "SCALE_GROUPS", "ScaleGroup", "ScaleSearch", "search_scale", "search_clip",
+__all__ = ["AWQ", "AWQConfig", "GROUP_NAMES", "clip_qparams", "ScaleSearch", "search_scale", "search_clip",
            "fold_scale", "gqa_expand", "weight_mean", "qdq", "GramLoss"]

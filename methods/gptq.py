@@ -14,15 +14,24 @@ column's rounding error over the not-yet-quantized columns through the Cholesky 
   ones see inputs produced by the already-quantized earlier ones (q/k/v → o → gate/up → down).
 - mse_clip: optional per-group range shrink chosen to minimise |w − Q(w)|^mse_norm (the reference
   code's `mse` option), on the shared quantizer's grid.
+- MoE (fused 3-D expert tensors, harness/arch.py): after the layer's linears, each expert's gate_up slice
+  is solved with the Hessian of the tokens the router sends to it, then each expert's down slice with the
+  Hessian of its own intermediate activations (computed through its already-quantized gate_up). An expert
+  that receives fewer than `expert_min_tokens` (a fraction of the calibration tokens) falls back to
+  round-to-nearest, as GPTQModel's default `Fallback(strategy=RTN, threshold="0.5%")`
+  (gptqmodel/quantization/config.py). The router is never quantized.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from harness.quant.context import MethodConfig, QuantContext
-from harness.quant.quantizer import QuantSpec, compute_qparams, dequantize, quantize_codes
+from harness import arch
+from harness.quant.quantizer import QuantSpec, compute_qparams, dequantize, quantize_codes, quantize_weight
 from harness.quant.runner import LayerwiseRunner, record_inputs, tokens_of
 from harness.registry import register_method
 from harness.types import check_values, QuantizedLinear, QuantResult
@@ -40,6 +49,7 @@ class GPTQConfig(MethodConfig):
     mse_norm: float = 2.4
     batch_tokens: int = 8192        # tokens per calibration forward
     offload: str = "auto"           # calibration activations: auto | cpu | device
+    expert_min_tokens: float = 0.005    # MoE: experts routed fewer than this fraction of the tokens -> RTN (GPTQModel)
 
 
 def check_config(cfg: GPTQConfig) -> None:
@@ -49,6 +59,7 @@ def check_config(cfg: GPTQConfig) -> None:
               ("mse_max_shrink", 0 <= cfg.mse_max_shrink < 1, "[0, 1)"),
               ("mse_norm", cfg.mse_norm > 0, "> 0"),
               ("batch_tokens", cfg.batch_tokens >= 1, "an integer >= 1"),
+              ("expert_min_tokens", 0 <= cfg.expert_min_tokens < 1, "[0, 1)"),
               ("offload", cfg.offload in ("auto", "cpu", "device"), "auto, cpu, device")]
     check_values("method", cfg, checks)
 
@@ -269,16 +280,24 @@ class GPTQ:
     def quantize(self, model, ctx: QuantContext) -> QuantResult:
         ids = ctx.calibration_ids()          # before any weight changes (reasoning traces use the fp model)
         cfg, spec = self.cfg, ctx.spec
-        result = QuantResult()
+        arch.check_method(model, "gptq")
+        result = QuantResult(info={"experts_rtn_fallback": [], "expert_tokens": {}})
+        min_tokens = cfg.expert_min_tokens * ids.numel()
+        self._spec = spec
         runner = LayerwiseRunner(model, ids, ctx.device, batch_tokens=cfg.batch_tokens, offload=cfg.offload,
                                  progress=ctx.progress, desc="gptq")
 
         def on_window(win):
-            linears = win.linears(cfg.include, cfg.exclude)
-            if not linears:
-                return
-            for name, lin in linears.items():
+            weights = win.weights(cfg.include, cfg.exclude)
+            for name, lin in weights.items():
                 spec.check_width(name, lin.in_features)
+            linears = {n: m for n, m in weights.items() if isinstance(m, nn.Linear)}
+            experts = {n: m for n, m in weights.items() if isinstance(m, arch.ExpertMatrix)}
+            if experts:
+                self._experts_after = (experts, min_tokens)
+            if not linears:
+                self._solve_experts(win, result)
+                return
             # Linears sharing an input share a Hessian: one accumulator and one solve per stage.
             stages = win.stages(linears)
             passes = [[st] for st in stages] if cfg.true_sequential else [stages]
@@ -292,8 +311,62 @@ class GPTQ:
                         raise RuntimeError(f"gptq: {st[0]} saw no calibration input")
                     self._solve(st, [linears[n] for n in st], a.h, spec, result)
                     a._h = None
+            self._solve_experts(win, result)
+        self._experts_after = None
         runner.run(on_window)
         return result
+
+    def _solve_experts(self, win, result) -> None:
+        """GPTQ per expert slice, gate_up then down, on the tokens routed to each expert (see the module doc)."""
+        if not self._experts_after:
+            return
+        experts, min_tokens = self._experts_after
+        self._experts_after = None
+        for part in ("gate_up_proj", "down_proj"):
+            mine = {n: m for n, m in experts.items() if n.endswith("." + part)}
+            if not mine:
+                continue
+            blocks = {n: win.module(n.rpartition(".")[0]) for n in mine}
+            accs: dict[str, dict[int, HessianAccumulator]] = {n: {} for n in mine}
+
+            def hook(name, part=part):
+                def fn(mod, args, kwargs):
+                    x, idx = args[0], args[1]
+                    x = x.reshape(-1, x.shape[-1])
+                    for e in torch.unique(idx).tolist():
+                        if e >= mine[name].experts:
+                            continue
+                        xe = x[(idx == e).any(-1)]
+                        if part == "down_proj":     # the expert's own intermediate activations, quantized gate_up
+                            gate, up = F.linear(xe, mod.gate_up_proj[e]).chunk(2, dim=-1)
+                            xe = mod.act_fn(gate) * up
+                        acc = accs[name].setdefault(e, HessianAccumulator(xe.shape[-1], xe.device))
+                        acc.add(xe)
+                return fn
+            handles = [blocks[n].register_forward_pre_hook(hook(n), with_kwargs=True) for n in mine]
+            try:
+                win.forward(stop_before=list(blocks.values()))
+            finally:
+                for h in handles:
+                    h.remove()
+            for name, mat in mine.items():
+                counts = {e: a.n for e, a in accs[name].items()}
+                result.info["expert_tokens"][name] = [counts.get(e, 0) for e in range(mat.experts)]
+                codes = []
+                for e in range(mat.experts):
+                    w = mat.param.data[e]
+                    a = accs[name].get(e)
+                    if a is None or a.n < max(1, min_tokens):
+                        result.info["experts_rtn_fallback"].append(f"{name}[{e}]")
+                        q, deq = quantize_weight(w, self._spec)
+                    else:
+                        q, deq = gptq_quantize(w, a.h, self._spec, block_size=self.cfg.block_size,
+                                               damp=self.cfg.damp, act_order=self.cfg.act_order,
+                                               mse=self.mse_options())
+                    w.copy_(deq)
+                    codes.append(_to_cpu(q))
+                    accs[name].pop(e, None)
+                result.layers[name] = _stack(codes)
 
     def _solve(self, names, lins, h, spec, result) -> None:
         cfg = self.cfg
@@ -303,6 +376,13 @@ class GPTQ:
         for name, lin, (qi, di) in zip(names, lins, split_rows(q, deq, [lin.out_features for lin in lins])):
             lin.weight.data.copy_(di)
             result.layers[name] = _to_cpu(qi)
+
+
+def _stack(parts: list[QuantizedLinear]) -> QuantizedLinear:
+    """Per-expert codes stacked as the [E·out, in] matrix the expert tensor is quantized as."""
+    p = parts[0]
+    return QuantizedLinear(codes=torch.cat([q.codes for q in parts]), scale=torch.cat([q.scale for q in parts]),
+                           zero=torch.cat([q.zero for q in parts]), bits=p.bits, group_size=p.group_size, sym=p.sym)
 
 
 def _to_cpu(q: QuantizedLinear) -> QuantizedLinear:

@@ -26,7 +26,9 @@ that change them, and shared by every ablation and bit width.
 Scale groups with several linears (qkv, gate_up) take their importance from the group's first linear
 (q_proj, gate_proj), as the authors' code does (`method.group_signal=first`); `stack` treats the
 group's linears as one matrix stacked by rows. The authors' OLMo-3 setting scales only o and down:
-`method.groups=[o,down]`.
+`method.groups=[o,down]`, the default on OLMo-2/3 (post-norm: the descriptor has only o and down), with the
+quadratic's statistics over o_proj/down_proj only (`method.signal_scope=groups`; QuantLRM
+quadratic_mapping_olmo3.py).
 
 Ablations (`method.importance`): quantlrm | quadratic (mean y only) | zeros (zero count + 1 only) |
 activation (AWQ's activation magnitude through this same search, i.e. plain AWQ with this config's
@@ -51,21 +53,27 @@ from harness.quant.runner import on_device
 from harness.quant.select import quantizable_linears
 from harness.registry import register_method
 from harness.types import check_values, QuantResult, UserError
-from methods.awq import AWQ, AWQConfig, ScaleGroup
+from harness import arch
+from methods.awq import AWQ, AWQConfig
 
 IMPORTANCES = (*IMPORTANCE_KINDS, "activation")
 GROUP_SIGNALS = ("first", "stack")
+SIGNAL_SCOPES = ("groups", "all")
 
 
 @dataclass
 class QuantLRMConfig(AWQConfig):
     normalize_scales: bool = False          # the authors removed AWQ's s / sqrt(max·min)
+    gqa_o: str = "per_head"                 # GQA o_proj: search per query-head channel, average the winning
+                                            # scales over the heads sharing a kv channel (the authors' downsample_scales)
     base_model: Optional[str] = None        # local dir | hub id | toy zoo name; null: the toy zoo's declared base
     base_revision: Optional[str] = None
     importance: str = "quantlrm"            # quantlrm | quadratic | zeros | activation
     ratio: float = 10.0                     # R: y ranges over [1, R]
     zero_count_dtype: str = "fp32"          # fp32 | fp16 (the authors' code: ΔW cast to fp16 before counting)
     group_signal: str = "first"             # first | stack: which linears of a multi-linear group give its signal
+    signal_scope: str = "groups"            # groups: the quadratic's statistics over the linears of the searched groups
+                                            # (the authors: all seven on Qwen3, o_proj/down_proj on OLMo-3) | all
     pseudo_finetune: bool = False           # true: signals from a brief fine-tune (method.pft); base_model is ignored
     pft: PFTConfig = field(default_factory=PFTConfig)
 
@@ -74,7 +82,8 @@ def check_quantlrm(cfg: QuantLRMConfig) -> None:
     checks = [("importance", cfg.importance in IMPORTANCES, ", ".join(IMPORTANCES)),
               ("ratio", cfg.ratio >= 1, "a number >= 1"),
               ("zero_count_dtype", cfg.zero_count_dtype in ZERO_COUNT_DTYPES, ", ".join(ZERO_COUNT_DTYPES)),
-              ("group_signal", cfg.group_signal in GROUP_SIGNALS, ", ".join(GROUP_SIGNALS))]
+              ("group_signal", cfg.group_signal in GROUP_SIGNALS, ", ".join(GROUP_SIGNALS)),
+              ("signal_scope", cfg.signal_scope in SIGNAL_SCOPES, ", ".join(SIGNAL_SCOPES))]
     check_values("method", cfg, checks)
     if cfg.pseudo_finetune:
         check_pft(cfg.pft)
@@ -117,7 +126,7 @@ class QuantLRM(AWQ):
 
     # ------------------------------------------------------------------ the AWQ hook
 
-    def importance(self, win, group: ScaleGroup, x_abs_mean: torch.Tensor, linears: dict) -> torch.Tensor:
+    def importance(self, win, group: arch.Fold, x_abs_mean: torch.Tensor, linears: dict) -> torch.Tensor:
         if self.cfg.importance == "activation":
             return x_abs_mean
         if win.index not in self._names:
@@ -134,6 +143,14 @@ class QuantLRM(AWQ):
         linears = quantizable_linears(model, cfg.include, cfg.exclude)
         if not linears:
             raise UserError(f"method.include={cfg.include!r} selects no Linear module of this model")
+        if cfg.signal_scope == "groups":    # statistics (x_min, median, x_max) over the searched groups' linears only
+            fam = arch.check_method(model, self.name)
+            wanted = set(self.groups_for(fam))
+            rel = tuple("." + n for f in fam.folds if f.name in wanted for n in f.linears)
+            linears = {n: m for n, m in linears.items() if n.endswith(rel)}
+            if not linears:
+                raise UserError(f"method.groups={sorted(wanted)!r} selects no linear of model_type "
+                                f"{model.config.model_type!r} to take fine-tuning signals from")
         names = list(linears)
         from harness.store import stable_hash
         key = {"names": stable_hash(names), "ratio": cfg.ratio, "zero_count_dtype": cfg.zero_count_dtype,

@@ -1,4 +1,7 @@
-"""Round-to-nearest: each weight group quantized on its own min/max grid, no calibration."""
+"""Round-to-nearest: each weight group quantized on its own min/max grid, no calibration.
+
+Every selected weight: nn.Linear modules and fused MoE expert tensors (per expert slice, see harness/arch.py);
+routers stay in full precision."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,7 +11,7 @@ from tqdm.auto import tqdm
 
 from harness.quant.context import MethodConfig, QuantContext
 from harness.quant.quantizer import quantize_weight
-from harness.quant.select import quantizable_linears
+from harness import arch
 from harness.registry import register_method
 from harness.types import QuantResult
 
@@ -28,9 +31,10 @@ class RTN:
 
     @torch.no_grad()
     def quantize(self, model, ctx: QuantContext) -> QuantResult:
+        arch.check_method(model, "rtn")
         result = QuantResult()
-        linears = quantizable_linears(model, self.cfg.include, self.cfg.exclude)
-        for name, lin in tqdm(linears.items(), desc="rtn", unit="linear", disable=not ctx.progress):
+        weights = arch.selected_weights(model, self.cfg.include, self.cfg.exclude)
+        for name, lin in tqdm(weights.items(), desc="rtn", unit="weight", disable=not ctx.progress):
             q, deq = quantize_weight(lin.weight.data, ctx.spec)
             lin.weight.data.copy_(deq)
             result.layers[name] = q

@@ -68,12 +68,14 @@ import torch.nn.functional as F
 from harness.quant.actquant import ActSpec, fake_quantize_tokens
 from harness.quant.context import MethodConfig, QuantContext
 from harness.quant.quantizer import QuantSpec, _grouped, fake_quantize_ste, qparams_from_range, quantize_weight
-from harness.quant.rotation import check_rotatable, rotate_model
+from harness.quant.rotation import rotate_model
 from harness.quant.state import StateFile, TrainingStopped
 from harness.quant.runner import LayerwiseRunner, _check_windows, _first_tensor, on_device
 from harness.registry import register_method
 from harness.types import check_values, QuantizedLinear, QuantResult, UserError
-from methods.awq import SCALE_GROUPS, fold_scale, gqa_expand
+from harness import arch
+from harness.quant import fold as folding
+from methods.awq import GROUP_NAMES
 
 
 @dataclass
@@ -139,9 +141,9 @@ def check_config(cfg: SliderQuantConfig) -> None:
               ("lr_clip", cfg.lr_clip >= 0, ">= 0"), ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
               ("offload", cfg.offload in ("auto", "cpu", "device"), "auto, cpu, device")]
     check_values("method", cfg, checks)
-    bad = [g for g in cfg.scale_groups if g not in SCALE_GROUPS]
+    bad = [g for g in cfg.scale_groups if g not in GROUP_NAMES]
     if bad:
-        raise UserError(f"method.scale_groups contains {bad!r}; allowed: {', '.join(SCALE_GROUPS)}")
+        raise UserError(f"method.scale_groups contains {bad!r}; allowed: {', '.join(GROUP_NAMES)}")
     if cfg.windows is not None:
         parse_windows(cfg.windows)
 
@@ -334,6 +336,10 @@ class SliderQuant:
         check_config(cfg)
         self.cfg = cfg
 
+    def rotates(self, spec: QuantSpec) -> bool:
+        """Whether this run rotates the residual stream (checked against the family before loading)."""
+        return resolve(self.cfg, spec).rotate
+
     @property
     def act_spec(self) -> Optional[ActSpec]:
         """Set in weight-activation mode: the pipeline then refuses backends that cannot fake-quantize activations."""
@@ -361,8 +367,8 @@ class SliderQuant:
         state saved, as a preempted job would; a later call with the same inputs resumes from there."""
         cfg, spec = self.cfg, ctx.spec
         self.eff = eff = resolve(cfg, spec)
-        if eff.rotate:
-            check_rotatable(model)
+        self.fam = arch.check_method(model, "sliderquant", rotate=eff.rotate)
+        self._config, self._folds, self._skipped = model.config, {}, {}
         ids = ctx.calibration_ids()
         self._state = self.state_file(model, ctx, ids)
         saved = self._state.load()
@@ -403,6 +409,7 @@ class SliderQuant:
                 runner.run(lambda win: self._train_window(win, windows, spec, per_stage, stage, result), windows)
             self._fp_hidden = []
             self._finalize(runner, spec, result)
+            result.info["skipped"] = dict(self._skipped)
             if self.act_spec is not None:
                 result.activations = {**self.act_spec.to_dict(), "targets": sorted(result.layers)}
             self._state.remove()
@@ -425,22 +432,24 @@ class SliderQuant:
                 wrapped[name] = w
         holder = nn.ParameterDict()
         if self.eff.scales:
-            modules = dict(layer.named_modules())
-            for gname in cfg.scale_groups:
-                g = SCALE_GROUPS[gname]
-                if g.prev not in modules or not all(n in wrapped for n in g.linears):
+            # The scale groups are the descriptor's folds (harness/arch.py); the wrapped linears are now in place.
+            for f in arch.layer_folds(self.fam, layer):
+                if f.name not in cfg.scale_groups:
                     continue
-                lins = [wrapped[n] for n in g.linears]
-                prev = modules[g.prev]
+                if f.per_expert or not all(n in wrapped for n in f.linears):
+                    self._skipped[f"{prefix}.{f.name}"] = "its linears are not all quantized here"
+                    continue
+                lins = [wrapped[n] for n in f.linears]
+                width = folding.channels(layer, f, self._config)[0]
                 expand = None
-                if gname == "o":
-                    expand = gqa_expand(modules["self_attn"], prev, lins[0])
-                    width = prev.out_features
-                else:
-                    width = lins[0].in_features
-                holder[gname] = nn.Parameter(torch.ones(width, device=lins[0].weight.device))
+                if f.gqa_pair:
+                    expand = folding.gqa_expand(self._config, width, lins[0].in_features)
+                    if expand is not None:
+                        expand = expand.to(lins[0].weight.device)
+                holder[f.name] = nn.Parameter(torch.ones(width, device=lins[0].weight.device))
+                self._folds[f.name] = f
                 for lin in lins:
-                    lin.set_alpha(holder, gname, expand)
+                    lin.set_alpha(holder, f.name, expand)
         layer.sliderquant_scales = holder          # moves with the layer; removed by _finalize
         for w in wrapped.values():
             w.gamma = self._gamma
@@ -588,15 +597,17 @@ class SliderQuant:
         modules = dict(layer.named_modules())
         eff = {n: w.effective_weight() for n, w in wrapped.items()}
         for gname, alpha in holder.items():          # 1/alpha into the op before the group
-            g = SCALE_GROUPS[gname]
-            prev = modules[g.prev]
+            f = self._folds[gname]
+            prev = modules[f.prev]
+            rows = arch.fold_rows(f, prev, self._config)   # phi3: the v rows of qkv_proj, the up rows of gate_up
             a = alpha.detach().float()
             if isinstance(prev, _SliderLinear):
-                eff[g.prev] = eff[g.prev] / a[:, None].to(eff[g.prev].device)
+                r = rows or slice(None)
+                eff[f.prev][r] = eff[f.prev][r] / a[:, None].to(eff[f.prev].device)
                 if prev.bias is not None:
-                    prev.bias.data.copy_((prev.bias.data.float() / a.to(prev.bias.device)).to(prev.bias.dtype))
+                    prev.bias.data[r] = (prev.bias.data[r].float() / a.to(prev.bias.device)).to(prev.bias.dtype)
             else:
-                fold_scale(prev, [], a)
+                folding.divide_outputs(prev, a, rows, self.fam.norm_offset)
         for name, w in wrapped.items():
             we = eff[name]
             scale, zero = w.grid(we)

@@ -73,6 +73,21 @@ def _check_layer(name: str, q: QuantizedLinear, weight: torch.Tensor) -> None:
         raise ValueError(f"{name}: a symmetric grid must have zero = 2^(bits-1)")
 
 
+def _weight_matrix(model: nn.Module, modules: dict, name: str) -> torch.Tensor:
+    """The 2-D matrix a QuantResult entry quantized: a Linear's weight, or a fused expert tensor [E, out, in]
+    viewed as [E·out, in] (harness/arch.py: ExpertMatrix)."""
+    lin = modules.get(name)
+    if isinstance(lin, nn.Linear):
+        return lin.weight.data
+    try:
+        p = model.get_parameter(name)
+    except AttributeError:
+        p = None
+    if p is None or p.dim() != 3:
+        raise ValueError(f"QuantResult names {name!r}, which is neither a Linear nor an expert tensor of this model")
+    return p.data.view(-1, p.shape[-1])
+
+
 # ------------------------------------------------------------------ packed tensors
 
 def packed_tensors(q: QuantizedLinear, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -140,14 +155,16 @@ def save_checkpoint(model: nn.Module, tokenizer, result: QuantResult, out_dir, e
     if export not in EXPORTS:
         raise UserError(f"export={export!r} is not allowed; allowed: {', '.join(EXPORTS)}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     modules = dict(model.named_modules())
+    experts = [n for n in result.layers if not isinstance(modules.get(n), nn.Linear)]
+    if export == "packed" and experts:
+        raise UserError(f"export=packed cannot hold fused 3-D MoE expert tensors ({experts[0]}): compressed-tensors "
+                        f"pack-quantized describes nn.Linear weights only; allowed here: export=fake")
+    out.mkdir(parents=True, exist_ok=True)
     for name, q in result.layers.items():
-        lin = modules.get(name)
-        if not isinstance(lin, nn.Linear):
-            raise ValueError(f"QuantResult names {name!r}, which is not a Linear of this model")
-        _check_layer(name, q, lin.weight)
-        lin.weight.data.copy_(decode_weight(q, lin.weight.dtype).to(lin.weight.device))
+        w = _weight_matrix(model, modules, name)
+        _check_layer(name, q, w)
+        w.copy_(decode_weight(q, w.dtype).to(w.device))
     if result.activations:
         actquant.install_recorded(model, result.activations)
 

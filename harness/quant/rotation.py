@@ -1,10 +1,11 @@
 """Offline residual-stream rotation (QuaRot's R1, as SliderQuant applies before weight-activation quantization).
 
-For a pre-norm decoder (llama, mistral, qwen2, qwen3) and an orthogonal Q ([hidden, hidden]):
+For a pre-norm decoder whose architecture descriptor (harness/arch.py) has a `rotation` (llama, mistral,
+qwen2, qwen3, granite, phi3) and an orthogonal Q ([hidden, hidden]):
   1. every RMSNorm's weight g is folded into the linears it feeds (W[:, j] *= g[j]) and set to 1
-     (input_layernorm -> q/k/v, post_attention_layernorm -> gate/up, the final norm -> lm_head);
-  2. the residual stream is rotated: embeddings E <- E Q; linears reading it W <- W Q (q/k/v, gate/up,
-     lm_head); linears writing it W <- Q^T W, b <- b Q (o_proj, down_proj).
+     (the descriptor's norm -> readers pairs, e.g. input_layernorm -> q/k/v; the final norm -> lm_head);
+  2. the residual stream is rotated: embeddings E <- E Q; linears reading it W <- W Q (the readers and
+     lm_head); linears writing it W <- Q^T W, b <- b Q (the descriptor's writers: o_proj, down_proj).
 A weight-free RMSNorm commutes with Q (||xQ|| = ||x||), so the model computes the same function up to
 floating-point error, while activations lose their outlier channels — which is what makes 4-bit
 per-token activations usable. Nothing is added at run time, so the rotated model is an ordinary
@@ -16,10 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from harness import arch
 from harness.quant.runner import on_device
-from harness.types import UserError
-
-PRE_NORM_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def random_orthogonal(n: int, seed: int = 0) -> torch.Tensor:
@@ -53,11 +52,9 @@ def _write(lin: nn.Linear, q: torch.Tensor) -> None:         # y Q out: W <- Q^T
         lin.bias.data = (lin.bias.data.double() @ q).to(lin.bias.dtype)
 
 
-def check_rotatable(model: nn.Module) -> None:
-    kind = getattr(model.config, "model_type", None)
-    if kind not in PRE_NORM_TYPES:
-        raise UserError(f"method.rotate=true: model_type {kind!r} is not supported; allowed: "
-                        f"{', '.join(PRE_NORM_TYPES)} (pre-norm decoders with RMSNorm); set method.rotate=false")
+def check_rotatable(model: nn.Module, method: str = "sliderquant") -> arch.Family:
+    """UserError (one line, naming the family and what is supported) unless the descriptor has a rotation."""
+    return arch.check_method(model, method, rotate=True)
 
 
 @torch.no_grad()
@@ -65,7 +62,7 @@ def rotate_model(model: nn.Module, seed: int = 0, device=None) -> torch.Tensor:
     """Fold the norms and rotate the residual stream in place; returns Q (float64).
 
     device: where the arithmetic runs, one layer at a time (the model may live on CPU); None: in place."""
-    check_rotatable(model)
+    fam = check_rotatable(model)
     base = model.model
     head = model.get_output_embeddings()
     emb = model.get_input_embeddings()
@@ -78,16 +75,17 @@ def rotate_model(model: nn.Module, seed: int = 0, device=None) -> torch.Tensor:
         _read(head, q)
     with on_device(emb, device):
         emb.weight.data = (emb.weight.data.double() @ q.to(emb.weight.device)).to(emb.weight.dtype)
+    rot = fam.rotation
     for layer in base.layers:
         with on_device(layer, device):
-            attn, mlp = layer.self_attn, layer.mlp
-            _fold_norm(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj])
-            _fold_norm(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
-            for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
-                _read(lin, q)
-            _write(attn.o_proj, q)
-            _write(mlp.down_proj, q)
+            for norm, readers in rot.norms:
+                lins = [layer.get_submodule(r) for r in readers]
+                _fold_norm(layer.get_submodule(norm), lins)
+                for lin in lins:
+                    _read(lin, q)
+            for w in rot.writers:
+                _write(layer.get_submodule(w), q)
     return q
 
 
-__all__ = ["rotate_model", "random_orthogonal", "check_rotatable", "PRE_NORM_TYPES"]
+__all__ = ["rotate_model", "random_orthogonal", "check_rotatable"]

@@ -28,7 +28,6 @@ in execution order by shared input (q/k/v, o, gate/up, down for a Llama/Qwen lay
 """
 from __future__ import annotations
 
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Optional
@@ -44,9 +43,18 @@ class StopForward(Exception):
 
 # ------------------------------------------------------------------ model structure
 
+def warn(msg: str) -> None:
+    """A one-line notice on stderr (what a method did not do, and why)."""
+    import sys
+    print(f"rqbench: {msg}", file=sys.stderr)
+
+
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(qualified name, ModuleList) of the decoder layers: `model.layers` for Llama/Qwen/Mistral."""
-    for name in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers",
+    """(qualified name, ModuleList) of the decoder layers: the descriptor's path (harness/arch.py), else the
+    usual places."""
+    from harness import arch
+    fam = arch.lookup(model)
+    for name in ((fam.layers,) if fam else ()) + ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers",
                  "model.language_model.layers"):
         mod = model
         try:
@@ -168,11 +176,18 @@ class Window:
         raise KeyError(qualified_name)
 
     def linears(self, include: Iterable[str] = (r".*",), exclude: Iterable[str] = ()) -> dict[str, nn.Linear]:
-        """The window's nn.Linear modules whose full names match include and not exclude."""
-        inc = [re.compile(p) for p in include]
-        exc = [re.compile(p) for p in exclude]
-        return {n: m for n, m in self.named_modules() if isinstance(m, nn.Linear)
-                and any(p.search(n) for p in inc) and not any(p.search(n) for p in exc)}
+        """The window's selected nn.Linear modules (full names matching include and not exclude; never the
+        family's full-precision routers)."""
+        return {n: m for n, m in self.weights(include, exclude).items() if isinstance(m, nn.Linear)}
+
+    def weights(self, include: Iterable[str] = (r".*",), exclude: Iterable[str] = ()) -> dict:
+        """The window's selected weights by full name: nn.Linear modules and fused expert tensors (as
+        harness.arch.ExpertMatrix); the family's full-precision linears (routers) never."""
+        from harness import arch
+        out = {}
+        for prefix, layer in zip(self.prefixes, self.layers):
+            out.update(arch.selected_weights(self.runner.model, include, exclude, root=layer, prefix=prefix))
+        return out
 
     def batches(self) -> Iterator[tuple[torch.Tensor, list[dict]]]:
         """(hidden states into the window, per-layer kwargs) for each calibration batch, on the device."""
@@ -361,8 +376,14 @@ class LayerwiseRunner:
     # -------------------------------------------------------------- stage 2: walk the windows
 
     def run(self, on_window: Optional[Callable[[Window], None]] = None,
-            windows: Optional[list[tuple[int, int]]] = None) -> list[torch.Tensor]:
-        """Walk the windows (default: one layer each); returns the last window's outputs per batch."""
+            windows: Optional[list[tuple[int, int]]] = None, inputs: str = "quantized") -> list[torch.Tensor]:
+        """Walk the windows (default: one layer each); returns the last window's outputs per batch.
+
+        inputs: "quantized" — each window sees the outputs of the already-quantized earlier ones (GPTQ);
+        "fp" — the outputs of the full-precision model: a window's outputs are computed *before* the
+        method changes its weights (llm-awq's run_awq; the QuantLRM code)."""
+        if inputs not in ("quantized", "fp"):
+            raise ValueError(f"inputs must be quantized or fp, got {inputs!r}")
         n = len(self.layers)
         windows = windows or [(i, i + 1) for i in range(n)]
         _check_windows(windows, n)
@@ -379,15 +400,16 @@ class LayerwiseRunner:
             win = Window(index=k, start=a, stop=b, layers=mods,
                          prefixes=[f"{self.layers_name}.{i}" for i in range(a, b)], device=self.device, runner=self)
             try:
-                if on_window is not None:
-                    on_window(win)
                 # Windows may overlap (SliderQuant); the next window starts at layer b_next's input,
                 # so feed forward only through the layers it does not share with this one.
                 advance = (windows[k + 1][0] if k + 1 < len(windows) else b) - a
+                step = Window(index=k, start=a, stop=a + advance, layers=mods[:advance],
+                              prefixes=win.prefixes[:advance], device=self.device, runner=self)
+                nxt = step.forward(collect_outputs=True) if advance > 0 and inputs == "fp" else None
+                if on_window is not None:
+                    on_window(win)
                 if advance > 0:
-                    step = Window(index=k, start=a, stop=a + advance, layers=mods[:advance],
-                                  prefixes=win.prefixes[:advance], device=self.device, runner=self)
-                    self.hidden = step.forward(collect_outputs=True)
+                    self.hidden = nxt if nxt is not None else step.forward(collect_outputs=True)
             finally:
                 for m, home in zip(mods, homes):
                     m.to(home)
@@ -454,4 +476,4 @@ def tokens_of(x: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["LayerwiseRunner", "Window", "StopForward", "record_inputs", "record_calls", "decoder_layers",
-           "tokens_of"]
+           "tokens_of", "warn"]

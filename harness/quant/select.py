@@ -1,19 +1,16 @@
 """Which Linear modules a method quantizes (config: method.include / method.exclude regexes)."""
 from __future__ import annotations
 
-import re
-
 import torch.nn as nn
 
 from harness.quant.quantizer import QuantSpec
 
 
 def quantizable_linears(model: nn.Module, include, exclude=()) -> dict[str, nn.Linear]:
-    inc = [re.compile(p) for p in include]
-    exc = [re.compile(p) for p in exclude]
-    return {name: mod for name, mod in model.named_modules()
-            if isinstance(mod, nn.Linear)
-            and any(p.search(name) for p in inc) and not any(p.search(name) for p in exc)}
+    """The selected nn.Linear modules (the family's full-precision routers never; harness/arch.py).
+    `harness.arch.selected_weights` also lists fused MoE expert tensors."""
+    from harness import arch
+    return {n: m for n, m in arch.selected_weights(model, include, exclude).items() if isinstance(m, nn.Linear)}
 
 
 def check_spec_fits(model: nn.Module, spec: QuantSpec, include, exclude=()) -> None:
