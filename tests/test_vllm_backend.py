@@ -96,9 +96,8 @@ def test_engine_receives_every_sample_as_one_seeded_request(fake_vllm, tmp_path)
     assert len(fake_vllm.engines) == 1
 
 
-def test_stream_rows_chunks_and_engine_options(fake_vllm, tmp_path):
-    run("backend=vllm", "method=fp", "task.limit=6", "sampling.n=2", "backend.stream_rows=5",
-        "backend.max_model_len=512", "backend.tensor_parallel_size=2", "backend.enforce_eager=true",
+def test_engine_options(fake_vllm, tmp_path):
+    run("backend=vllm", "method=fp", "task.limit=6", "sampling.n=2", "backend.max_model_len=512", "backend.tensor_parallel_size=2", "backend.enforce_eager=true",
         "backend.dtype=float32", "backend.gpu_memory_utilization=0.5", f"results_dir={tmp_path}")
     [engine] = fake_vllm.engines
     from harness.toy.build import ensure_toy
@@ -150,8 +149,7 @@ def test_backend_keys_are_checked_before_a_model_loads(tmp_path):
 def test_bad_engine_values_are_user_errors(fake_vllm):
     tok = SimpleNamespace(eos_token_id=2, convert_tokens_to_ids=lambda t: None, unk_token_id=None,
                           convert_ids_to_tokens=lambda i: "<e>")
-    for key, value in [("gpu_memory_utilization", 1.5), ("tensor_parallel_size", 0), ("dtype", "fp8"),
-                       ("stream_rows", 0)]:
+    for key, value in [("gpu_memory_utilization", 1.5), ("tensor_parallel_size", 0), ("dtype", "fp8")]:
         with pytest.raises(UserError, match=f"backend.{key}"):
             VLLMBackend(VLLMBackendConfig(**{key: value}), model_path="/nonexistent", tokenizer=tok)
 
@@ -165,7 +163,7 @@ def test_yaml_nodes_match_their_schemas():
         {f.name for f in fields(VLLMBackendConfig)} | {f.name for f in fields(HFBackendConfig)}
     defaults = {f.name: f.default for f in fields(auto_backend.AutoBackendConfig)}
     assert defaults["batch_size"] == HFBackendConfig().batch_size
-    assert defaults["stream_rows"] == VLLMBackendConfig().stream_rows
+    assert defaults["gpu_memory_utilization"] == VLLMBackendConfig().gpu_memory_utilization
 
 
 W4A4 = ["method=sliderquant", "quant.bits=4", "method.act_bits=4", "method.windows=0-3", "method.epochs=1",
@@ -368,3 +366,50 @@ def test_a_failure_after_export_keeps_the_finished_checkpoint(monkeypatch, tmp_p
     monkeypatch.undo()
     out = run(*args, "stage=evaluate")            # the quantization is not repeated
     assert out["checkpoint"] == {"checkpoint": str(ckpt), "cached": True}
+
+
+# ---------------------------------------------------------------- preemption mid-generation
+
+STANDIN = Path(__file__).with_name("vllm_standin.py")
+KILL_ARGS = ["progress=false", "backend=vllm", "method=fp", "task.limit=20", "sampling.n=2", "sampling.temperature=0.7",
+             "seed=5"]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_generation_keeps_every_finished_sample_and_resumes_without_duplicates(tmp_path):
+    """A job killed while the engine runs keeps each sample that finished before the kill (they were written one
+    by one); the requeued job generates only the rest; the final file equals an uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+    import time
+    samples = tmp_path / "killed" / "toy" / "fp" / "arith" / "seed5" / "samples.jsonl"
+
+    def start(root, step_s):
+        return subprocess.Popen([sys.executable, str(STANDIN), *KILL_ARGS, f"results_dir={root}"],
+                                cwd=STANDIN.parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "RQBENCH_STANDIN_STEP_S": str(step_s),
+                                     "PYTHONPATH": str(STANDIN.parents[1])})
+    job = start(tmp_path / "killed", 0.3)
+    t0 = time.time()
+    while not (samples.exists() and len(samples.read_text().splitlines()) >= 6):
+        assert job.poll() is None, job.stderr.read()[-2000:]
+        assert time.time() - t0 < 300
+        time.sleep(0.05)
+    job.send_signal(signal.SIGKILL)             # preempted with the engine still holding requests
+    job.wait()
+    n_killed = len(samples.read_text().splitlines())
+    assert 6 <= n_killed < 40
+    print(f"SIGKILL after {n_killed} of 40 samples were stored")
+    again = start(tmp_path / "killed", 0)
+    _, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err[-2000:]
+    assert f"{40 - n_killed} samples to generate ({n_killed} already in" in err
+    clean = start(tmp_path / "clean", 0)
+    assert clean.wait(timeout=600) == 0
+    recs = [json.loads(x) for x in samples.read_text().splitlines()]
+    keys = [(r["id"], r["sample"]) for r in recs]
+    assert len(keys) == 40 and len(set(keys)) == 40                     # nothing lost, nothing twice
+    ref = [json.loads(x) for x in (tmp_path / "clean" / samples.relative_to(tmp_path / "killed")).read_text().splitlines()]
+    key = lambda r: (r["id"], r["sample"])
+    assert sorted(recs, key=key) == sorted(ref, key=key)

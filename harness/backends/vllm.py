@@ -69,7 +69,6 @@ class VLLMBackendConfig:
     enforce_eager: bool = False             # true: no CUDA graphs (slower decode, faster start, less memory)
     dtype: str = "auto"                     # auto: the checkpoint's torch_dtype
     seed: int = 0                           # engine seed; every request also carries its own sample seed
-    stream_rows: int = 4096                 # (prompt, sample) rows per engine call = per samples.jsonl append
 
 
 def vllm_available() -> bool:
@@ -131,8 +130,7 @@ def check_config(cfg: VLLMBackendConfig) -> None:
     checks = [("tensor_parallel_size", cfg.tensor_parallel_size >= 1, "an integer >= 1"),
               ("max_model_len", cfg.max_model_len is None or cfg.max_model_len >= 1, "null or an integer >= 1"),
               ("gpu_memory_utilization", 0 < cfg.gpu_memory_utilization <= 1, "(0, 1]"),
-              ("dtype", cfg.dtype in DTYPES, ", ".join(DTYPES)),
-              ("stream_rows", cfg.stream_rows >= 1, "an integer >= 1")]
+              ("dtype", cfg.dtype in DTYPES, ", ".join(DTYPES))]
     check_values("backend", cfg, checks)
 
 
@@ -170,7 +168,6 @@ class VLLMBackend:
         from harness.backends.hf import stop_token_ids
         self.cfg, self.model_path, self.tok, self.progress = cfg, str(model_path), tokenizer, progress
         self.revision, self.trust_remote_code = revision, trust_remote_code
-        self.stream_rows = cfg.stream_rows
         # The same stop set as the HF backend: tokenizer eos, generation_config eos, chat end tokens.
         self.stop_ids = stop_token_ids(tokenizer, _generation_eos(self.model_path))
         self.stop_texts = sorted({tokenizer.convert_ids_to_tokens(t) for t in self.stop_ids} - {None}, key=len, reverse=True)
