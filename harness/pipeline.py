@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import hashlib
 import inspect
@@ -14,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from harness import __version__, tracking
@@ -174,10 +175,141 @@ def checkpoint_key(spec: RunSpec, source: str) -> dict:
     }
 
 
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+MODEL_KEYS = ("path", "revision", "base", "dtype")     # the rest of model.* is not result-affecting or is in sampling
+# Task keys that select a prefix of the same problems: every sample is the one the full run writes (per-sample
+# seeds), metrics count only the selected problems, so `task.limit=20` and the full run share a directory and
+# the full run resumes the limited one.
+# (lm-eval tasks score inside lm-eval, with no sample store to share: their limit counts.)
+PREFIX_KEYS = ("limit",)
+
+
+def prefix_keys(spec: RunSpec) -> tuple:
+    return () if hasattr(spec.task_cls, "evaluate_model") else PREFIX_KEYS
+
+
+def _yaml_default(group: str, file: Path, schema: type, spec: RunSpec, fill: dict | None = None):
+    """The node conf/<group>/<file> gives, as `schema`, resolved against this run's top-level values; None when
+    the file is absent or cannot resolve (the dataclass defaults are the baseline then)."""
+    from harness.config import typed
+    if not file.is_file():
+        return None
+    try:
+        node = OmegaConf.load(file)
+        for k, v in (fill or {}).items():       # mandatory (`???`) keys the file leaves to the command line
+            if OmegaConf.is_missing(node, k):
+                node[k] = v
+        root = OmegaConf.create({**dataclasses.asdict(spec.top), "model": dataclasses.asdict(spec.model), group: node})
+        OmegaConf.resolve(root)
+        return typed(schema, root[group], group)
+    except Exception:       # e.g. a mandatory `???` in the file: not a usable baseline
+        return None
+
+
+def _model_default(spec: RunSpec):
+    from harness.config import ModelConfig
+    for f in sorted((CONF_DIR / "model").glob("*.yaml")):
+        if OmegaConf.load(f).get("name") == spec.model.name:
+            return _yaml_default("model", f, ModelConfig, spec)
+    return _yaml_default("model", CONF_DIR / "model" / "hf.yaml", ModelConfig, spec,
+                         fill={"path": spec.model.path}) or ModelConfig()
+
+
+def _diff(prefix: str, ours, base, skip=("name",)) -> dict:
+    ours, base = dataclasses.asdict(ours), dataclasses.asdict(base) if base is not None else {}
+    return {f"{prefix}.{k}": v for k, v in ours.items() if k not in skip and (k not in base or base[k] != v)}
+
+
+@functools.lru_cache(maxsize=None)
+def _default_calib() -> str:
+    for d in OmegaConf.load(CONF_DIR / "config.yaml").defaults:
+        if isinstance(d, DictConfig) and "calib" in d:
+            return d["calib"]
+    return "toy"
+
+
+def uses_calibration(spec: RunSpec) -> bool:
+    return getattr(spec.method_cls, "uses_calibration", False) and spec.calib is not None
+
+
+def run_settings(spec: RunSpec) -> tuple[dict, dict]:
+    """Result-affecting settings that differ from the defaults of their config-group file (conf/method/<name>.yaml,
+    conf/calib/<name>.yaml, conf/task/<name>.yaml, the model's conf/model file, config.yaml's quant/export), as
+    ({"method.damp": 0.1, ...} of the model and quantized checkpoint, {"task.limit": 20, ...} of the evaluation).
+
+    The baseline is a fixed file, never how the config was reached, so one configuration always gives the same
+    settings, whichever preset or command line produced it; a key left at its default is not listed (adding a
+    key with a default to a plugin moves no existing run)."""
+    from harness.calib import CalibConfig, as_calib_config
+    from harness.config import QuantNode
+    ckpt = _diff("model", spec.model, _model_default(spec), skip=tuple(
+        f.name for f in dataclasses.fields(spec.model) if f.name not in MODEL_KEYS))
+    if getattr(spec.method_cls, "quantizes", True):
+        ckpt.update(_diff("method", spec.method_cfg, _yaml_default(
+            "method", CONF_DIR / "method" / f"{spec.method_cls.name}.yaml", spec.method_cls.Config, spec)))
+        ckpt.update(_diff("quant", spec.spec, QuantNode(), skip=("bits", "group_size", "sym")))
+        if spec.top.export != "fake":
+            ckpt["export"] = spec.top.export
+        if uses_calibration(spec):
+            calib = as_calib_config(spec.calib)
+            ckpt.update(_diff("calib", calib, _yaml_default("calib", CONF_DIR / "calib" / f"{calib.name}.yaml",
+                                                           CalibConfig, spec)))
+    else:
+        ckpt.update(_diff("method", spec.method_cfg, spec.method_cls.Config()))
+    task_base = _yaml_default("task", CONF_DIR / "task" / f"{spec.task_cls.name}.yaml", spec.task_cls.Config, spec)
+    ev = _diff("task", spec.task_cfg, task_base, skip=("name", "sampling", "subset") + prefix_keys(spec))
+    default_sampling = dataclasses.asdict(task_base.sampling) if task_base is not None else {}
+    ev.update({f"sampling.{k}": v for k, v in dataclasses.asdict(spec.sampling).items()
+               if k != "seed" and default_sampling.get(k) != v})
+    return ckpt, ev
+
+
+def task_subset(spec: RunSpec):
+    """The task's subset when it is not its file's default (e.g. AIME-2024 of AIME-120), else None."""
+    subset = getattr(spec.task_cfg, "subset", None)
+    base = _yaml_default("task", CONF_DIR / "task" / f"{spec.task_cls.name}.yaml", spec.task_cls.Config, spec)
+    return None if subset is None or subset == getattr(base, "subset", None) else str(subset)
+
+
+def calib_label(spec: RunSpec):
+    """The calibration set's name when the method calibrates on another one than config.yaml's default."""
+    if not uses_calibration(spec) or not getattr(spec.method_cls, "quantizes", True):
+        return None
+    name = spec.calib.get("name")
+    return None if name == _default_calib() else name
+
+
+def calib_descriptor(spec: RunSpec):
+    """{"name", "n_samples", "seq_len"} of a calibrating method (what published numbers are matched on)."""
+    if not uses_calibration(spec) or not getattr(spec.method_cls, "quantizes", True):
+        return None
+    from harness.calib import as_calib_config
+    c = as_calib_config(spec.calib)
+    return {"name": c.name, "n_samples": c.n_samples, "seq_len": c.seq_len}
+
+
+def model_label(spec: RunSpec) -> str:
+    """A hub id as `org--name`; a local checkpoint dir as its folder name plus a short hash of its absolute path
+    (two `checkpoint-500` folders never share a directory)."""
+    name = spec.model.name
+    local = Path(name).expanduser()
+    if name.startswith(("/", ".", "~")) or local.is_dir():
+        resolved = str(local.resolve())
+        return f"{Path(resolved).name or 'model'}-{stable_hash(resolved)[:6]}"
+    return name.replace("/", "--")
+
+
 def run_dir(spec: RunSpec, run_tag: str = "") -> Path:
-    model = spec.model.name.replace("/", "--")
-    variant = quant_label(spec) + (f"-{run_tag}" if run_tag else "")
-    return Path(spec.top.results_dir) / model / variant / spec.task_cls.name / f"seed{spec.top.seed}"
+    """results_dir/<model>/<method>-w<b>[a<b>]g<g>[-<calib>][-<run_tag>][-<hash>]/<task>[-<subset>][-<hash>]/seed<k>.
+
+    Each hash is 6 hex digits of the settings `run_settings` lists for that level, present only when some
+    setting differs from its default: any sweep (method keys, calibration, task options, sampling, context
+    cap) lands each configuration in its own directory, and the same configuration always in the same one."""
+    ckpt, ev = run_settings(spec)
+    parts = [quant_label(spec), calib_label(spec), run_tag or None, stable_hash(ckpt)[:6] if ckpt else None]
+    task = [spec.task_cls.name, task_subset(spec), stable_hash(ev)[:6] if ev else None]
+    return (Path(spec.top.results_dir) / model_label(spec) / "-".join(p for p in parts if p)
+            / "-".join(p for p in task if p) / f"seed{spec.top.seed}")
 
 
 # ------------------------------------------------------------------ stages
@@ -488,9 +620,11 @@ def _run(spec: RunSpec, cfg_dict: dict, run_tag: str = "") -> dict:
     out_dir = run_dir(spec, run_tag)
     quantizes = getattr(spec.method_cls, "quantizes", True)
     eval_key = {"model": spec.model.name, "path": spec.model.path, "revision": spec.model.revision,
+                "dtype": spec.model.dtype, "export": spec.top.export if quantizes else None,
                 "method": dataclasses.asdict(spec.method_cfg),
                 "quant": dataclasses.asdict(spec.spec) if quantizes else None,   # fp: one run whatever quant says
-                "task": dataclasses.asdict(spec.task_cfg), "sampling": dataclasses.asdict(spec.sampling),
+                "task": {k: v for k, v in dataclasses.asdict(spec.task_cfg).items() if k not in prefix_keys(spec)},
+                "sampling": dataclasses.asdict(spec.sampling),
                 "calib": cfg_dict.get("calib") if getattr(spec.method_cls, "uses_calibration", False) else None}
     _guard_run_dir(out_dir, eval_key)
     device = pick_device(spec.top.device)
@@ -531,6 +665,9 @@ def _run(spec: RunSpec, cfg_dict: dict, run_tag: str = "") -> dict:
         "group_size": spec.spec.group_size if getattr(spec.method_cls, "quantizes", True) else None,
         "sym": spec.spec.sym, "act_bits": spec.act.bits if spec.act is not None else None,
         "task": spec.task_cls.name, "seed": spec.top.seed, "run_tag": run_tag,
+        # what the report and published numbers are matched on besides the keys above
+        "subset": task_subset(spec), "calib": calib_descriptor(spec),
+        "settings": {k: v for part in run_settings(spec) for k, v in part.items()},
         "export": spec.top.export, "sampling": dataclasses.asdict(spec.sampling),
         "metrics": metrics, "seconds": _cumulative_seconds(out_dir / "metrics.json", timer.seconds),
         "seconds_this_invocation": {k: round(v, 3) for k, v in timer.seconds.items()},
@@ -554,15 +691,21 @@ def _cumulative_seconds(previous_metrics: Path, now: dict[str, float]) -> dict[s
 
 
 def _guard_run_dir(out_dir: Path, eval_key: dict) -> None:
-    """Never mix samples of two different configurations in one run directory."""
+    """Never mix samples of two different configurations in one run directory.
+
+    A directory whose run produced nothing (no sample, no metrics: it failed before generating, say on an
+    unreachable dataset) holds no result to protect: the corrected command takes it over."""
     key_file = out_dir / "run_key.json"
     digest = stable_hash(eval_key)
     if key_file.exists():
         old = json.loads(key_file.read_text())
-        if old.get("digest") != digest:
+        if old.get("digest") == digest:
+            return
+        samples = out_dir / "samples.jsonl"
+        if (samples.exists() and samples.stat().st_size > 0) or (out_dir / "metrics.json").exists():
             diff = sorted(k for k in eval_key if stable_hash(eval_key[k]) != stable_hash(old.get("key", {}).get(k)))
             raise UserError(f"{out_dir} already holds a run with a different configuration (differs in: "
                             f"{', '.join(diff)}). Give this variant its own directory with run_tag=<name>, "
                             f"or choose another results_dir.")
-        return
+        log(f"{out_dir} holds no result of its earlier configuration: reusing it")
     write_json_atomic(key_file, {"digest": digest, "key": eval_key})

@@ -10,7 +10,13 @@ one metric (accuracy by default, in %), with
 - with `--baseline METHOD`: a paired comparison of every method with the baseline on the same
   problems, seeds and sample indices — the mean per-problem difference, its paired-bootstrap 95%
   interval and a two-sided sign-flip permutation p-value;
-- published reference numbers (conf/references.yaml) beside ours, with the difference.
+- "did we reproduce?": per paper (conf/references.csv; `--paper qrm` for one), each published number beside
+  ours (mean ± std over seeds, n), the difference and a verdict: within the combined seed spread
+  sqrt(std_ours² + std_paper²) or not; cells with no published number are listed as such.
+
+A run's method label carries its non-default settings (`gptq[reasoning, damp=0.1]`: calibration set, method
+keys, ...) and its task label the task-level ones (`aime120[aime24, temperature=0.0]`), so two configurations
+never share a row.
 
 Outputs go to DIR/report/ (or --out): report.md, report.csv (one row per cell, every statistic),
 report.tex (booktabs), PNG plots (accuracy vs bits, response lengths, truncation rate) and, with
@@ -29,11 +35,14 @@ import numpy as np
 import pandas as pd
 
 ROW_KEYS = ["model", "method", "bits", "group"]
-KEYS = ["model", "method", "bits", "group_size", "sym", "act_bits", "run_tag", "task"]
+KEYS = ["model", "method", "bits", "group_size", "sym", "act_bits", "run_tag", "task", "subset"]
+# What a row is matched with published numbers on, besides its labels (harness.references.run_descriptor).
+DESCRIPTOR = ["method_name", "task_name", "subset", "calib", "calib_samples", "calib_seq_len", "act_bits",
+              "group_size"]
 RATE_PREFIXES = ("acc", "pass@", "maj@", "truncation_rate", "no_answer_rate")
 QUANT_STAGES = ("calibrate", "quantize", "export")
 EVAL_STAGES = ("generate", "score", "evaluate")
-DEFAULT_REFERENCES = Path(__file__).resolve().parent.parent / "conf" / "references.yaml"
+DEFAULT_REFERENCES = Path(__file__).resolve().parent.parent / "conf" / "references.csv"
 FP_METHOD = "fp"
 
 
@@ -50,6 +59,9 @@ def collect(root: Path) -> pd.DataFrame:
             continue
         row = {k: r.get(k) for k in KEYS}
         row["seed"] = r.get("seed")
+        calib = r.get("calib") or {}
+        row.update(calib=calib.get("name"), calib_samples=calib.get("n_samples"), calib_seq_len=calib.get("seq_len"),
+                   settings=r.get("settings") or {})
         secs = r.get("seconds", {}) or {}
         row["quantize_s"] = sum(secs.get(k, 0.0) for k in QUANT_STAGES)
         row["eval_s"] = sum(secs.get(k, 0.0) for k in EVAL_STAGES)
@@ -66,10 +78,41 @@ def collect(root: Path) -> pd.DataFrame:
         return runs
     runs["run_tag"] = runs["run_tag"].fillna("")
     runs["sym"] = runs["sym"].fillna(False).astype(bool)
-    runs["method"] = [m + (f"[{t}]" if t else "") for m, t in zip(runs["method"], runs["run_tag"])]
+    runs["method_name"], runs["task_name"] = runs["method"], runs["task"]
+    runs["method"] = [method_label(r) for _, r in runs.iterrows()]
+    runs["task"] = [task_label(r) for _, r in runs.iterrows()]
     runs["group"] = [group_label(b, g, s, a) for b, g, s, a in
                      zip(runs["bits"], runs["group_size"], runs["sym"], runs["act_bits"])]
     return runs
+
+
+def _setting(key: str, value) -> str:
+    short = key.split(".", 1)[1] if key.startswith(("method.", "task.", "sampling.")) else key
+    return f"{short}={value}"
+
+
+def method_label(run) -> str:
+    """`gptq[tag, reasoning, damp=0.1]`: the run tag, the calibration set and the checkpoint-level settings that
+    differ from their defaults (harness.pipeline.run_settings)."""
+    settings = run.get("settings") or {}
+    parts = [run.get("run_tag") or None, run.get("calib") if settings_has_calib(run) else None]
+    parts += [_setting(k, v) for k, v in sorted(settings.items()) if not k.startswith(("task.", "sampling."))]
+    parts = [p for p in parts if p]
+    return run["method"] + (f"[{', '.join(parts)}]" if parts else "")
+
+
+def settings_has_calib(run) -> bool:
+    """Name the calibration set in the label unless it is the default one (the toy's)."""
+    return not _missing(run.get("calib")) and run.get("calib") != "toy"
+
+
+def task_label(run) -> str:
+    """`aime120[aime24, temperature=0.0]`: the task's subset and the evaluation settings that differ."""
+    settings = run.get("settings") or {}
+    parts = [None if _missing(run.get("subset")) else str(run.get("subset"))]
+    parts += [_setting(k, v) for k, v in sorted(settings.items()) if k.startswith(("task.", "sampling."))]
+    parts = [p for p in parts if p]
+    return run["task"] + (f"[{', '.join(parts)}]" if parts else "")
 
 
 def _missing(v) -> bool:
@@ -112,17 +155,8 @@ def load_samples(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def load_references(path: Path | None) -> pd.DataFrame:
-    cols = ["model", "method", "bits", "group_size", "task", "metric", "value", "source"]
-    if path is None or not Path(path).is_file():
-        return pd.DataFrame(columns=cols)
-    import yaml
-    entries = yaml.safe_load(Path(path).read_text()) or []
-    df = pd.DataFrame(entries)
-    for c in cols:
-        if c not in df.columns:
-            df[c] = None
-    df["metric"] = df["metric"].fillna("acc")
-    return df[cols]
+    from harness import references
+    return references.load(path)
 
 
 # ------------------------------------------------------------------ statistics
@@ -184,6 +218,10 @@ def cells(runs: pd.DataFrame, samples: pd.DataFrame, metric: str, n_boot: int) -
                    tokens_generated=int(g["tokens_generated"].sum()),
                    truncation_rate=float(g["truncation_rate"].mean() * 100) if "truncation_rate" in g else math.nan,
                    tokens_mean=float(g["tokens_mean"].mean()) if "tokens_mean" in g else math.nan)
+        row.update({k: g[k].iloc[0] for k in DESCRIPTOR if k in g})
+        strict = g["acc_strict"].dropna() if metric == "acc" and "acc_strict" in g else pd.Series(dtype=float)
+        row.update(mean_strict=strict.mean() * 100 if len(strict) else math.nan,
+                   std_strict=strict.std(ddof=1) * 100 if len(strict) > 1 else math.nan)
         s = by_cell.get(tuple(key))
         if s is not None and metric == "acc":
             p = per_problem(s)
@@ -211,8 +249,10 @@ def sort_rows(df: pd.DataFrame) -> pd.DataFrame:
 def baseline_row(cell_rows: pd.DataFrame, row: pd.Series, baseline: str):
     """The baseline's cell matching `row`: same model and task, and same bits and group unless the
     baseline is full precision. A full-precision row against a quantized baseline is the Δ-vs-fp table's job."""
-    cand = cell_rows[(cell_rows["model"] == row["model"]) & (cell_rows["task"] == row["task"])
-                     & (cell_rows["method"] == baseline)]
+    same = (cell_rows["model"] == row["model"]) & (cell_rows["task"] == row["task"])
+    cand = cell_rows[same & (cell_rows["method"] == baseline)]
+    if cand.empty and "method_name" in cell_rows:     # `--baseline gptq` also names `gptq[reasoning]`
+        cand = cell_rows[same & (cell_rows["method_name"] == baseline)]
     if baseline != FP_METHOD:
         if row["method"] == FP_METHOD:
             return None
@@ -230,6 +270,8 @@ def paired_tests(cell_df: pd.DataFrame, samples: pd.DataFrame, baseline: str, n_
         if row["method"] == baseline:
             continue
         base = baseline_row(cell_df, row, baseline)
+        if base is not None and base["method"] == row["method"]:
+            continue
         if base is None:
             continue
         a = groups.get(tuple(row[k] for k in ROW_KEYS + ["task"]))
@@ -249,34 +291,87 @@ def paired_tests(cell_df: pd.DataFrame, samples: pd.DataFrame, baseline: str, n_
     return pd.DataFrame(out)
 
 
+def descriptor(cell) -> dict:
+    from harness import references
+    calib = None if _missing(cell.get("calib")) else {
+        "name": cell["calib"], "n_samples": None if _missing(cell.get("calib_samples")) else int(cell["calib_samples"]),
+        "seq_len": None if _missing(cell.get("calib_seq_len")) else int(cell["calib_seq_len"])}
+    return references.run_descriptor(
+        model=cell["model"], method=cell.get("method_name", cell["method"]), bits=cell["bits"],
+        act_bits=cell.get("act_bits"), group_size=cell.get("group_size"), calib=calib,
+        task=cell.get("task_name", cell["task"]), subset=cell.get("subset"))
+
+
 def attach_references(cell_df: pd.DataFrame, refs: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Reference value (and its source) for every cell a published number exists for."""
+    """Reference value (and its source) for every cell a published number exists for (several: the one with the
+    most seeds)."""
+    from harness import references
     df = cell_df.copy()
     df["reference"], df["ref_source"] = math.nan, ""
-    refs = refs[refs["metric"] == metric] if not refs.empty else refs
     for i, row in df.iterrows():
-        for _, ref in refs.iterrows():
-            if _model_match(row["model"], ref["model"]) and row["method"] == ref["method"] \
-                    and row["task"] == ref["task"] and int(row["bits"]) == int(ref["bits"]) \
-                    and _group_match(row["group"], ref["group_size"]):
-                df.at[i, "reference"] = float(ref["value"])
-                df.at[i, "ref_source"] = str(ref["source"])
-                break
+        found = references.find(refs, descriptor(row), metric)
+        if len(found):
+            ref = found.sort_values("n_seeds", ascending=False).iloc[0]
+            df.at[i, "reference"] = float(ref["mean"])
+            df.at[i, "ref_source"] = str(ref["source"])
     df["ref_diff"] = df["mean"] - df["reference"]
     return df
 
 
-def _model_match(ours: str, ref: str) -> bool:
-    """Hub ids, local copies and `org--name` directory names of one model all match."""
-    def base(s):
-        return str(s).rstrip("/").replace("--", "/").split("/")[-1].lower()
-    return base(ours) == base(ref)
+def verdict(delta: float, std_ours: float, std_paper: float) -> tuple[float, str]:
+    """(combined seed spread, verdict): |Δ| <= sqrt(std_ours² + std_paper²) is "within spread"."""
+    stds = [s for s in (std_ours, std_paper) if not _missing(s)]
+    if _missing(delta):
+        return math.nan, "not run"
+    if not stds:
+        return math.nan, "undetermined (one run each)"
+    spread = math.sqrt(sum(s * s for s in stds))
+    if abs(delta) <= spread:
+        return spread, "reproduced (within spread)"
+    return spread, f"differs ({abs(delta) / spread:.1f}x spread)" if spread > 0 else "differs"
 
 
-def _group_match(group: str, ref_group) -> bool:
-    if ref_group is None or (isinstance(ref_group, float) and math.isnan(ref_group)):
-        return True
-    return group.split()[0] == ("ch" if int(ref_group) <= 0 else f"g{int(ref_group)}")
+def reproduction(cell_df: pd.DataFrame, refs: pd.DataFrame, metric: str, paper: str | None = None,
+                 every_cell: bool = True) -> pd.DataFrame:
+    """Ours beside every published number comparable with one of our cells (of one paper, or all), then our cells
+    with no published number (every_cell=False: only those of models the paper has numbers for).
+    One row per (published number, cell)."""
+    from harness import references
+    rows, matched = [], set()
+    paper_models = {references.model_base(m) for m in (refs[refs["paper"] == paper] if paper else refs)["model"]}
+    for i, cell in cell_df.iterrows():
+        found = references.find(refs, descriptor(cell), metric, paper=paper)
+        for _, ref in found.iterrows():
+            matched.add(i)
+            delta = cell["mean"] - float(ref["mean"])
+            spread, word = verdict(delta, cell["std"], None if _missing(ref["std"]) else float(ref["std"]))
+            rows.append({"paper": ref["paper"], "table": ref["table"], **{k: cell[k] for k in ROW_KEYS + ["task"]},
+                         "published": references.fmt_ref(ref), "ours": _mean_std_n(cell["mean"], cell["std"],
+                                                                                   cell["n_seeds"]),
+                         "Δ": _signed(delta), "spread": fmt_num(spread), "verdict": word,
+                         "ours strict": _strict(cell), "source": ref["source"]})
+    for i, cell in cell_df.iterrows():
+        if i not in matched and (every_cell or references.model_base(cell["model"]) in paper_models):
+            rows.append({"paper": paper or "", "table": "", **{k: cell[k] for k in ROW_KEYS + ["task"]},
+                         "published": "(no published number)",
+                         "ours": _mean_std_n(cell["mean"], cell["std"], cell["n_seeds"]), "Δ": "", "spread": "",
+                         "verdict": "", "ours strict": _strict(cell), "source": ""})
+    df = pd.DataFrame(rows)
+    if not df.empty and (df["ours strict"] == "").all():
+        df = df.drop(columns=["ours strict"])     # acc_strict equals acc everywhere (or was not recorded)
+    return df
+
+
+def _mean_std_n(mean, std, n) -> str:
+    return fmt_num(mean) + (f" ± {fmt_num(std)}" if not _missing(std) else "") + f" (n={int(n)})"
+
+
+def _strict(cell) -> str:
+    """acc_strict where it differs from acc."""
+    m = cell.get("mean_strict", math.nan)
+    if _missing(m) or abs(m - cell["mean"]) < 1e-9:
+        return ""
+    return _mean_std_n(m, cell.get("std_strict", math.nan), cell["n_seeds"])
 
 
 # ------------------------------------------------------------------ tables
@@ -486,7 +581,7 @@ def plot_truncation(cell_df: pd.DataFrame, out: Path) -> Path | None:
 # ------------------------------------------------------------------ the report
 
 def build(root: Path, metric: str = "acc", baseline: str | None = None, references: Path | None = DEFAULT_REFERENCES,
-          n_boot: int = 1000) -> dict:
+          n_boot: int = 1000, paper: str | None = None) -> dict:
     """Every table of the report as DataFrames: runs, cells (long), main, delta, ci, paired, references."""
     runs = collect(root)
     if runs.empty:
@@ -495,18 +590,22 @@ def build(root: Path, metric: str = "acc", baseline: str | None = None, referenc
         raise SystemExit(f"rqbench-report: error: metric {metric!r} is in no run; available: "
                          f"{', '.join(sorted(c for c in runs.columns if c not in KEYS + ['seed', 'path', 'group']))}")
     samples = load_samples(runs)
-    cell_df = attach_references(cells(runs, samples, metric, n_boot), load_references(references), metric)
+    refs = load_references(references)
+    cell_df = attach_references(cells(runs, samples, metric, n_boot), refs, metric)
     tables = {"runs": runs, "samples": samples, "cells": cell_df, "main": pivot(cell_df, "mean_std"),
               "delta_fp": pivot(cell_df[cell_df["method"] != FP_METHOD], "delta_fp")
               if (cell_df["method"] == FP_METHOD).any() and (cell_df["method"] != FP_METHOD).any() else pd.DataFrame(),
               "ci": pivot(cell_df, "ci") if cell_df["ci_lo"].notna().any() else pd.DataFrame()}
     tables["paired"] = paired_tests(cell_df, samples, baseline, n_boot) if baseline else pd.DataFrame()
-    ref = cell_df[cell_df["reference"].notna()]
-    tables["references"] = pd.DataFrame({
-        **{k: ref[k] for k in ROW_KEYS + ["task"]}, "reference": ref["reference"].map(fmt_num),
-        "ours": [fmt_num(m) + (f" ± {fmt_num(s)}" if not math.isnan(s) else "") for m, s in zip(ref["mean"], ref["std"])],
-        "difference": ref["ref_diff"].map(_signed), "source": ref["ref_source"]}) if len(ref) else pd.DataFrame()
+    # One "did we reproduce?" table per paper with a number comparable to one of ours (or the one asked for).
+    papers = [paper] if paper else sorted({p for _, c in cell_df.iterrows() for p in _papers(refs, c, metric)})
+    tables["reproduction"] = {p: reproduction(cell_df, refs, metric, p, every_cell=bool(paper)) for p in papers}
     return tables
+
+
+def _papers(refs, cell, metric) -> set:
+    from harness import references
+    return set(references.find(refs, descriptor(cell), metric)["paper"]) if not refs.empty else set()
 
 
 def paired_display(paired: pd.DataFrame) -> pd.DataFrame:
@@ -530,8 +629,10 @@ def sections(tables: dict, metric: str, baseline: str | None) -> list[tuple[str,
     if baseline:
         out.append(("paired", f"paired vs {baseline} (same problems, seeds, samples): Δ in points, paired bootstrap "
                               f"95% CI, two-sided sign-flip permutation p", paired_display(tables["paired"])))
-    if not tables["references"].empty:
-        out.append(("references", "published numbers vs ours", tables["references"]))
+    for paper, df in tables.get("reproduction", {}).items():
+        out.append((f"reproduce_{paper}", f"did we reproduce {paper}? published (mean ± std over its seeds, n) vs ours; "
+                                          f"Δ = ours − published; verdict: |Δ| within the combined seed spread "
+                                          f"sqrt(std_ours² + std_published²)", df))
     return out
 
 
@@ -558,7 +659,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="output directory (default: DIR/report)")
     ap.add_argument("--metric", default="acc", help="metric of the tables (default acc; e.g. pass@4, tokens_mean)")
     ap.add_argument("--baseline", default=None, help="method every other method is paired against (e.g. awq)")
-    ap.add_argument("--references", default=str(DEFAULT_REFERENCES), help="published numbers (YAML); '' for none")
+    ap.add_argument("--references", default=str(DEFAULT_REFERENCES), help="published numbers (CSV); '' for none")
+    ap.add_argument("--paper", default=None, help="the reproduction table of this paper only (e.g. qrm, sliderquant), "
+                                                 "every cell listed, with or without a published number")
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     ap.add_argument("--html", action="store_true", help="also write report.html (tables and plots)")
@@ -573,7 +676,7 @@ def main(argv=None) -> int:
         print(f"rqbench-report: error: {root} is not a directory", file=sys.stderr)
         return 2
     tables = build(root, args.metric, args.baseline, Path(args.references) if args.references else None,
-                   args.bootstrap)
+                   args.bootstrap, paper=args.paper)
     if tables["runs"].empty:
         print("(no runs found)")
         return 0

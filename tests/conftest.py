@@ -27,6 +27,26 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def run_path(results, variant: str, seed=0, task="arith", model="toy") -> Path:
+    """The one run directory of `variant` (e.g. "rtn-w4g128") under results: its name may carry the short
+    hashes of non-default settings (harness.pipeline.run_dir)."""
+    found = [p for p in Path(results).glob(f"{model}/{variant}*/{task}*/seed{seed}")
+             if p.parent.parent.name.split("-")[:len(variant.split("-"))] == variant.split("-")]
+    assert len(found) == 1, f"{variant}/{task}/seed{seed} under {results}: {found}"
+    return found[0]
+
+
+def expected_run_dir(*overrides) -> Path:
+    """Where `rqbench OVERRIDES` writes its run (composed and named here, nothing run)."""
+    from hydra import compose, initialize_config_dir
+    from harness.cli import CONF_DIR
+    from harness.config import validate
+    from harness.pipeline import run_dir
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        spec = validate(compose(config_name="config", overrides=list(overrides)))
+    return run_dir(spec, spec.top.run_tag)
+
+
 def run_cli(*args, cwd=None, check=True, timeout=600, env=None):
     """Run `rqbench ARGS` in a subprocess; returns CompletedProcess (text)."""
     proc = subprocess.run([sys.executable, "-m", "harness.cli", "progress=false", *args],

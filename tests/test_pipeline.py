@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import REPO
+from conftest import expected_run_dir, REPO, run_path
 
 
 def lines(path):
@@ -16,7 +16,7 @@ def lines(path):
 
 def test_run_writes_config_samples_metrics(rq, tmp_path):
     r = rq("method=rtn", "task.limit=24", f"results_dir={tmp_path}")
-    d = tmp_path / "toy" / "rtn-w4g128" / "arith" / "seed0"
+    d = tmp_path / "toy" / "rtn-w4g128" / "arith" / "seed0"      # task.limit picks problems: same directory
     assert (d / "config.yaml").exists() and (d / "metrics.json").exists()
     recs = [json.loads(x) for x in lines(d / "samples.jsonl")]
     assert len(recs) == 24 and {r["sample"] for r in recs} == {0}
@@ -37,21 +37,54 @@ def test_same_seed_gives_identical_samples(rq, tmp_path):
     args = ["method=fp", "task.limit=6", "sampling.temperature=0.8", "sampling.n=3", "seed=4"]
     rq(*args, f"results_dir={tmp_path / 'a'}")
     rq(*args, f"results_dir={tmp_path / 'b'}", "backend.batch_size=5")
-    a = (tmp_path / "a" / "toy" / "fp" / "arith" / "seed4" / "samples.jsonl").read_bytes()
-    b = (tmp_path / "b" / "toy" / "fp" / "arith" / "seed4" / "samples.jsonl").read_bytes()
+    a = (run_path(tmp_path / "a", "fp", 4) / "samples.jsonl").read_bytes()
+    b = (run_path(tmp_path / "b", "fp", 4) / "samples.jsonl").read_bytes()
     assert a == b
     rq(*args[:-1], "seed=5", f"results_dir={tmp_path / 'a'}")
-    c = (tmp_path / "a" / "toy" / "fp" / "arith" / "seed5" / "samples.jsonl").read_bytes()
+    c = (run_path(tmp_path / "a", "fp", 5) / "samples.jsonl").read_bytes()
     assert c != a
 
 
 def test_a_run_dir_never_mixes_configurations(rq, tmp_path):
-    rq("method=fp", "task.limit=4", f"results_dir={tmp_path}")
+    import json as _json
     from harness.types import UserError
-    with pytest.raises(UserError, match="different configuration.*sampling.*run_tag"):
-        rq("method=fp", "task.limit=4", "sampling.temperature=0.5", f"results_dir={tmp_path}")
+    a = rq("method=fp", "task.limit=4", f"results_dir={tmp_path}")
+    # Another sampling setting is another directory (a short hash of the non-default settings), no tag needed.
+    b = rq("method=fp", "task.limit=4", "sampling.temperature=0.5", f"results_dir={tmp_path}")
+    hot = expected_run_dir("method=fp", "sampling.temperature=0.5", f"results_dir={tmp_path}")
+    assert hot.parent.name.startswith("arith-") and (hot / "metrics.json").exists()
+    assert b["settings"] == {"sampling.temperature": 0.5} and a["settings"] == {}
+    assert (tmp_path / "toy" / "fp" / "arith" / "seed0" / "metrics.json").exists()
+    # run_tag still names a variant.
     rq("method=fp", "task.limit=4", "sampling.temperature=0.5", "run_tag=t05", f"results_dir={tmp_path}")
-    assert (tmp_path / "toy" / "fp-t05" / "arith" / "seed0" / "metrics.json").exists()
+    assert (tmp_path / "toy" / "fp-t05" / hot.parent.name / "seed0" / "metrics.json").exists()
+    # The guard still refuses a directory whose samples came from another configuration.
+    key = hot / "run_key.json"
+    key.write_text(_json.dumps({**_json.loads(key.read_text()), "digest": "other"}))
+    with pytest.raises(UserError, match="different configuration.*run_tag"):
+        rq("method=fp", "task.limit=4", "sampling.temperature=0.5", f"results_dir={tmp_path}")
+
+
+def test_a_run_that_produced_nothing_does_not_block_the_corrected_command(rq, tmp_path):
+    from harness.types import UserError
+    bad = tmp_path / "missing.jsonl"
+    with pytest.raises(UserError, match="missing.jsonl"):
+        rq("method=fp", "task=math500", f"task.data_files={bad}", f"results_dir={tmp_path}")
+    good = tmp_path / "math.jsonl"
+    good.write_text(json.dumps({"problem": "What is $1+1$?", "answer": "2", "subject": "Algebra", "level": 1,
+                                "unique_id": "t/1.json"}) + "\n")
+    r = rq("method=fp", "task=math500", f"task.data_files={good}", "sampling.max_new_tokens=4", f"results_dir={tmp_path}")
+    assert r["metrics"]["n_examples"] == 1
+    # Same directory, another key (e.g. a default changed in between): taken over while it holds no result...
+    from harness.pipeline import _guard_run_dir
+    d = tmp_path / "d"
+    _guard_run_dir(d, {"task": 1})
+    _guard_run_dir(d, {"task": 2})
+    assert json.loads((d / "run_key.json").read_text())["key"] == {"task": 2}
+    # ...and refused once it holds samples.
+    (d / "samples.jsonl").write_text('{"id": "x"}\n')
+    with pytest.raises(UserError, match="differs in: task"):
+        _guard_run_dir(d, {"task": 3})
 
 
 def test_quantized_checkpoint_is_cached_and_reused(rq, tmp_path):
@@ -89,7 +122,7 @@ def _kill_when(path, n_lines, proc, timeout=300):
 
 def test_resume_after_kill_loses_and_duplicates_nothing(cli, tmp_path):
     args = ["method=fp", "task.limit=64", "backend.batch_size=4", "sampling.temperature=0.7", "sampling.n=2"]
-    samples = tmp_path / "killed" / "toy" / "fp" / "arith" / "seed0" / "samples.jsonl"
+    samples = expected_run_dir(*args, f"results_dir={tmp_path / 'killed'}") / "samples.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "progress=false", *args,
                              f"results_dir={tmp_path / 'killed'}"], cwd=REPO, stderr=subprocess.PIPE, text=True,
                             env=os.environ.copy())
@@ -101,12 +134,12 @@ def test_resume_after_kill_loses_and_duplicates_nothing(cli, tmp_path):
     cli(*args, f"results_dir={tmp_path / 'killed'}")
     cli(*args, f"results_dir={tmp_path / 'clean'}")
     killed = [json.loads(x) for x in lines(samples)]
-    clean = [json.loads(x) for x in lines(tmp_path / "clean" / "toy" / "fp" / "arith" / "seed0" / "samples.jsonl")]
+    clean = [json.loads(x) for x in lines(run_path(tmp_path / "clean", "fp") / "samples.jsonl")]
     assert len(killed) == 128 and len({(r["id"], r["sample"]) for r in killed}) == 128
     key = lambda r: (r["id"], r["sample"])
     assert sorted(killed, key=key) == sorted(clean, key=key)
     mk = json.loads((samples.parent / "metrics.json").read_text())["metrics"]
-    mc = json.loads((tmp_path / "clean" / "toy" / "fp" / "arith" / "seed0" / "metrics.json").read_text())["metrics"]
+    mc = json.loads((run_path(tmp_path / "clean", "fp") / "metrics.json").read_text())["metrics"]
     assert mk == mc
 
 

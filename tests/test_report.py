@@ -14,9 +14,10 @@ TOY = "toy"
 
 
 def write_run(root: Path, model, method, bits, task, seed, correct, *, group_size=128, tokens=None, truncated=None,
-              seconds=None, cached=False, ids=None):
+              seconds=None, cached=False, ids=None, calib=None, strict=None):
     quant = method != "fp"
-    variant = f"{method}-w{bits}g{group_size}" if quant else "fp"
+    variant = f"{method}-w{bits}g{group_size}" + (f"-{calib['name']}{calib['seq_len']}" if calib else "") \
+        if quant else "fp"
     d = root / model.replace("/", "--") / variant / task / f"seed{seed}"
     d.mkdir(parents=True, exist_ok=True)
     n = len(correct)
@@ -27,10 +28,13 @@ def write_run(root: Path, model, method, bits, task, seed, correct, *, group_siz
              "n_tokens": tokens[i], "finish_reason": "length" if truncated[i] else "stop", "gold": "1",
              "parsed": None if truncated[i] else ("1" if correct[i] else "0"), "correct": bool(correct[i]),
              "truncated": bool(truncated[i]), "meta": {}, "extra": {}} for i in range(n)]
+    metrics = compute_metrics(recs)
+    if strict is not None:
+        metrics["acc_strict"] = sum(strict) / n
     (d / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     result = {"model": model, "method": method, "bits": bits if quant else 16,
               "group_size": group_size if quant else None, "sym": False, "task": task, "seed": seed, "run_tag": "",
-              "metrics": compute_metrics(recs), "seconds": seconds or {"load": 1.0, "generate": 20.0, "score": 1.0},
+              "calib": calib if quant else None, "metrics": metrics, "seconds": seconds or {"load": 1.0, "generate": 20.0, "score": 1.0},
               "tokens_generated": sum(tokens), "checkpoint": {"checkpoint": "x", "cached": cached}}
     (d / "metrics.json").write_text(json.dumps(result))
     return d
@@ -140,16 +144,45 @@ def test_pairs_only_matching_problems_and_seeds(tmp_path):
 def test_references_beside_ours(tmp_path):
     root = tmp_path / "r"
     model = "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B"
-    write_run(root, model, "sliderquant", 4, "math500", 0, pattern(100, 93))
-    write_run(root, model, "sliderquant", 2, "math500", 0, pattern(100, 30), group_size=64)   # other group: no ref
+    wiki = {"name": "wikitext2", "n_samples": 128, "seq_len": 2048}
+    write_run(root, model, "sliderquant", 4, "math500", 0, pattern(100, 93), calib=wiki)
+    write_run(root, model, "sliderquant", 2, "math500", 0, pattern(100, 30), calib={**wiki, "seq_len": 512})
     write_run(root, model, "fp", None, "math500", 0, pattern(100, 95))
-    t = report.build(root)                                     # the shipped conf/references.yaml
-    refs = t["references"].set_index(["method", "bits"])
-    assert refs.loc[("sliderquant", 4), "reference"] == "94.60" and refs.loc[("sliderquant", 4), "ours"] == "93.00"
-    assert refs.loc[("sliderquant", 4), "difference"] == "-1.60"
-    assert refs.loc[("fp", 16), "reference"] == "95.00" and refs.loc[("fp", 16), "difference"] == "+0.00"
-    assert "Table 5" in refs.loc[("sliderquant", 4), "source"]
-    assert ("sliderquant", 2) not in refs.index
+    t = report.build(root)                                     # the shipped conf/references.csv
+    cells = t["cells"].set_index(["method", "bits"])
+    assert cells.loc[("sliderquant[wikitext2]", 4), "reference"] == 94.60
+    assert "Table 5" in cells.loc[("sliderquant[wikitext2]", 4), "ref_source"]
+    assert math.isnan(cells.loc[("sliderquant[wikitext2]", 2), "reference"])     # 512-token calibration: not theirs
+    rep = t["reproduction"]["sliderquant"].set_index(["method", "bits"])
+    row = rep.loc[("sliderquant[wikitext2]", 4)]
+    assert row["published"] == "94.60 (n=1)" and row["ours"] == "93.00 (n=1)" and row["Δ"] == "-1.60"
+    assert row["verdict"] == "undetermined (one run each)"
+    assert rep.loc[("fp", 16), "published"] == "95.00 (n=1)" and rep.loc[("fp", 16), "Δ"] == "+0.00"
+    assert rep.loc[("sliderquant[wikitext2]", 2), "published"] == "(no published number)"   # listed, not dropped
+
+
+def test_did_we_reproduce_qrm(tmp_path, capsys):
+    """Three seeds against QRM Table 1 (1.5B, AWQ W4 pileval 128x512, MATH-500: 81.4 ± 1.6, n=3)."""
+    root = tmp_path / "r"
+    model = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
+    pile = {"name": "pileval", "n_samples": 128, "seq_len": 512}
+    for seed, k in zip((42, 43, 44), (80, 82, 81)):
+        write_run(root, model, "awq", 4, "math500", seed, pattern(100, k), calib=pile, strict=pattern(100, k - 5))
+        write_run(root, model, "awq", 3, "math500", seed, pattern(100, 30 + seed - 42), calib=pile)
+    write_run(root, model, "gptq", 4, "math500", 42, pattern(100, 80),
+              calib={"name": "wikitext2", "n_samples": 128, "seq_len": 2048})
+    assert report.main([str(root), "--paper", "qrm", "--no-plots", "--html"]) == 0
+    out = capsys.readouterr().out
+    assert "did we reproduce qrm?" in out
+    rep = report.build(root, paper="qrm")["reproduction"]["qrm"].set_index(["method", "bits"])
+    w4 = rep.loc[("awq[pileval]", 4)]
+    assert w4["table"] == "Table 1" and w4["published"] == "81.40 ± 1.60 (n=3)" and w4["ours"] == "81.00 ± 1.00 (n=3)"
+    assert w4["Δ"] == "-0.40" and w4["spread"] == "1.89" and w4["verdict"] == "reproduced (within spread)"
+    assert w4["ours strict"] == "76.00 ± 1.00 (n=3)"                     # acc_strict shown where it differs
+    w3 = rep.loc[("awq[pileval]", 3)]                                     # 31 ± 1 vs 48.1 ± 0.3
+    assert w3["Δ"] == "-17.10" and w3["verdict"].startswith("differs (16.4x")
+    assert rep.loc[("gptq[wikitext2]", 4), "published"] == "(no published number)"   # QRM's GPTQ is not WikiText-2
+    assert "did we reproduce qrm?" in (root / "report" / "report.html").read_text()
 
 
 def test_cli_writes_every_format(sweep, capsys):

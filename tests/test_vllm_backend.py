@@ -7,6 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import run_path
 import yaml
 from hydra import compose, initialize_config_dir
 
@@ -45,7 +46,7 @@ def run(*overrides):
 
 
 def records(results: Path, variant: str, seed=0):
-    path = results / "toy" / variant / "arith" / f"seed{seed}" / "samples.jsonl"
+    path = run_path(results, variant, seed) / "samples.jsonl"
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
