@@ -162,7 +162,7 @@ def test_samples_stream_to_the_store_and_a_crash_loses_only_rows_in_flight(rq, t
     from harness.backends.hf import HFBackend
     args = ["method=fp", "task.limit=12", "backend.batch_size=4", "sampling.temperature=0.7", "sampling.n=2",
             "sampling.max_new_tokens=64"]
-    samples = tmp_path / "crashed" / "toy" / "fp" / "arith" / "seed0" / "samples.jsonl"
+    samples = expected_run_dir(*args, f"results_dir={tmp_path / 'crashed'}") / "samples.jsonl"
     real_forward, calls = HFBackend._forward, []
 
     def crashing_forward(self, *a, **kw):
@@ -179,7 +179,7 @@ def test_samples_stream_to_the_store_and_a_crash_loses_only_rows_in_flight(rq, t
     resumed = rq(*args, f"results_dir={tmp_path / 'crashed'}")
     clean = rq(*args, f"results_dir={tmp_path / 'clean'}")
     killed = [json.loads(x) for x in lines(samples)]
-    ref = [json.loads(x) for x in lines(tmp_path / "clean" / "toy" / "fp" / "arith" / "seed0" / "samples.jsonl")]
+    ref = [json.loads(x) for x in lines(run_path(tmp_path / "clean", "fp") / "samples.jsonl")]
     key = lambda r: (r["id"], r["sample"])
     assert len(killed) == 24 and len({key(r) for r in killed}) == 24
     assert sorted(killed, key=key) == sorted(ref, key=key)

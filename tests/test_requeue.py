@@ -35,7 +35,8 @@ def lines(path):
 
 
 def samples_of(root):
-    return root / "toy" / "fp" / "arith" / "seed5" / "samples.jsonl"
+    spec, _ = spec_of(*ARGS, f"results_dir={root}")
+    return pipeline.run_dir(spec) / "samples.jsonl"
 
 
 def test_run_lock_excludes_a_second_holder(tmp_path):
