@@ -21,9 +21,10 @@ split evenly (the authors' code: epochs // quant_step; here rounded up, so epoch
 
 Learnable parameters per linear (``_SliderLinear``):
   alpha  per input channel, init 1, shared by a scale group (q/k/v; o; gate/up; down — the AWQ groups):
-         the layer computes (x / alpha) Q(W * alpha + B A)^T, and after training 1/alpha is folded into the
+         the layer computes (x / alpha) Q(W * alpha + (lora_alpha / r) B A)^T, and after training 1/alpha is folded into the
          preceding op (input norm, v_proj rows, post-attention norm, up_proj rows) exactly as AWQ folds;
-  B A    rank-r correction added before quantization (A kaiming-uniform, B zero);
+  B A    rank-r correction added before quantization, scaled by lora_alpha / r as the authors' LoRA layer
+         (`int_linear_lora.py`; lora_alpha 1 there) (A kaiming-uniform, B zero);
   clip   OmniQuant-style learnable weight clipping: per (row, group) sigmoid(u) * max, sigmoid(l) * min,
          init 4.0.
 Rounding goes through the shared quantizer's straight-through estimator (`fake_quantize_ste`).
@@ -47,8 +48,11 @@ and model weights). A rerun after a kill resumes: finished stages are skipped, f
 current one replay without training (their layers hold the saved parameters, so the quantized trajectory
 is passed on exactly as before), and the result is bit-identical to an uninterrupted run.
 
-Defaults follow the authors' configs per setting (null keys): W2A16 trains low-rank + clipping only with
-low-rank lr 5e-4 for 60 epochs; other settings add the scales, low-rank lr 1e-4, 20 epochs; batch 3.
+Defaults follow the authors' configs per setting (null keys): weight-only settings run their `lora_only`
+mode (low-rank + clipping, no scales; low-rank lr 5e-4 — configs/llama2-7b-w2a16), 60 epochs at 2 bits,
+20 otherwise; W4A4 runs `slider` (scales too, low-rank lr 1e-4, 20 epochs); batch 3. `mode=slider` (or
+`scales=true`) and `lora_alpha=<rank>` give the earlier rqbench behaviour (scales on at W3/W4A16, B A
+unscaled) as ablations.
 """
 from __future__ import annotations
 
@@ -89,10 +93,15 @@ class SliderQuantConfig(MethodConfig):
     # --- intra-layer incremental quantization
     gamma: float = 0.5                  # stage 1 quantizes the first ceil(gamma*in) columns, stage 2 all (1.0: one stage)
     # --- learnable parameters
-    scales: Optional[bool] = None       # per-channel alpha (folded into the preceding op); null: off for weight-only
-                                        # 2 bits (the authors' W2A16 config trains low-rank + clipping only), else on
+    mode: Optional[str] = None          # lora_only: low-rank + clipping | slider: + per-channel scales; null: as the
+                                        # authors' configs ("slider is for W4A4, lora_only is for WXA16"): lora_only
+                                        # weight-only, slider with act_bits
+    scales: Optional[bool] = None       # per-channel alpha (folded into the preceding op); null: as `mode`
     scale_groups: list = field(default_factory=lambda: ["qkv", "o", "gate_up", "down"])
     rank: int = 4                       # low-rank correction B A (0: none)
+    lora_alpha: float = 1.0             # the correction is (lora_alpha / rank) B A; the authors' LoRAQuantLinear keeps
+                                        # its default lora_alpha=1 (quantize/int_linear_lora.py: scaling = lora_alpha / r);
+                                        # lora_alpha=rank: the unscaled B A of earlier rqbench versions
     clip: bool = True                   # learnable weight clipping
     clip_init: float = 4.0              # sigmoid(4) = 0.982
     # --- weight-activation mode (W4A4): HF backend only
@@ -103,7 +112,7 @@ class SliderQuantConfig(MethodConfig):
     epochs: Optional[int] = None        # total over the stages; null: 60 at 2 bits, else 20
     batch_size: int = 3                 # calibration rows per step (the authors' configs: 3)
     lr_scale: float = 1.0e-3
-    lr_lowrank: Optional[float] = None  # null: 5e-4 for weight-only 2 bits (the authors' W2A16 config), else 1e-4
+    lr_lowrank: Optional[float] = None  # null: 5e-4 weight-only (the authors' W2A16 / WXA16 config), 1e-4 with act_bits (W4A4)
     lr_clip: float = 1.0e-2
     lr_by_batch: bool = True            # lrs multiplied by batch_size (the authors' code)
     weight_decay: float = 0.0
@@ -114,16 +123,24 @@ class SliderQuantConfig(MethodConfig):
 @dataclass(frozen=True)
 class Resolved:
     """The null ("as the authors' config for this setting") choices made concrete for one bit width."""
+    mode: str
     scales: bool
     lr_lowrank: float
     epochs: int
     rotate: bool
 
 
+MODES = ("lora_only", "slider")
+
+
 def resolve(cfg: SliderQuantConfig, spec: QuantSpec) -> Resolved:
-    w2_weight_only = spec.bits == 2 and cfg.act_bits is None
-    return Resolved(scales=cfg.scales if cfg.scales is not None else not w2_weight_only,
-                    lr_lowrank=cfg.lr_lowrank if cfg.lr_lowrank is not None else (5.0e-4 if w2_weight_only else 1.0e-4),
+    # configs/llama2-7b-w2a16/config.yaml: quant_mode lora_only, scale_lr 0, lora_lr 5e-4 ("lora_only is for WXA16");
+    # configs/llama2-7b-w4a4/config.yaml: quant_mode slider, scale_lr 1e-3, lora_lr 1e-4. No W3/W4A16 config exists:
+    # weight-only settings take the WXA16 one.
+    weight_only = cfg.act_bits is None
+    mode = cfg.mode or ("lora_only" if weight_only else "slider")
+    return Resolved(mode=mode, scales=cfg.scales if cfg.scales is not None else mode == "slider",
+                    lr_lowrank=cfg.lr_lowrank if cfg.lr_lowrank is not None else (5.0e-4 if weight_only else 1.0e-4),
                     epochs=cfg.epochs if cfg.epochs is not None else (60 if spec.bits == 2 else 20),
                     rotate=cfg.rotate if cfg.rotate is not None else cfg.act_bits is not None)
 
@@ -133,6 +150,8 @@ def check_config(cfg: SliderQuantConfig) -> None:
               ("window_size", cfg.window_size >= 1, "an integer >= 1"),
               ("stride", 1 <= cfg.stride <= cfg.window_size, "an integer in [1, window_size]"),
               ("gamma", 0 < cfg.gamma <= 1, "(0, 1]"), ("rank", cfg.rank >= 0, "an integer >= 0"),
+              ("mode", cfg.mode is None or cfg.mode in MODES, "null, " + ", ".join(MODES)),
+              ("lora_alpha", cfg.lora_alpha > 0, "> 0"),
               ("epochs", cfg.epochs is None or cfg.epochs >= 0, "null or an integer >= 0"),
               ("batch_size", cfg.batch_size >= 1, "an integer >= 1"),
               ("lr_scale", cfg.lr_scale >= 0, ">= 0"),
@@ -228,6 +247,7 @@ class _SliderLinear(nn.Module):
             a.uniform_(-bound, bound, generator=gen)
             self.lora_a = nn.Parameter(a.to(dev))
             self.lora_b = nn.Parameter(torch.zeros(self.out_features, cfg.rank, device=dev))
+            self.lora_scaling = cfg.lora_alpha / cfg.rank
         else:
             self.lora_a = self.lora_b = None
         if cfg.clip:
@@ -253,13 +273,13 @@ class _SliderLinear(nn.Module):
         return a if expand is None else a[expand.to(a.device)]
 
     def effective_weight(self) -> torch.Tensor:
-        """W * alpha + B A in float32 (before quantization)."""
+        """W * alpha + (lora_alpha / r) B A in float32 (before quantization)."""
         w = self.weight.float()
         cols = self.alpha_cols()
         if cols is not None:
             w = w * cols
         if self.lora_a is not None:
-            w = w + self.lora_b @ self.lora_a
+            w = w + (self.lora_b @ self.lora_a) * self.lora_scaling
         return w
 
     def grid(self, w: torch.Tensor):
@@ -390,7 +410,7 @@ class SliderQuant:
         self._scales: dict[int, nn.ParameterDict] = {}
         self._gen = torch.Generator().manual_seed(cfg.seed)
         result = QuantResult(info={"windows": format_windows(windows), "epochs_per_stage": per_stage,
-                                   "stages": gammas, "scales": eff.scales, "lr_lowrank": eff.lr_lowrank,
+                                   "stages": gammas, "mode": eff.mode, "scales": eff.scales, "lr_lowrank": eff.lr_lowrank,
                                    "rotated": eff.rotate, "loss": saved["loss"] if saved else [],
                                    "resumed_windows": len(self._done)})
         resume_stage = max((st for st, _ in self._done), default=0)
@@ -591,7 +611,7 @@ class SliderQuant:
             self._scales.pop(i)
 
     def _finalize_layer(self, runner, i, layer, wrapped, spec, result) -> None:
-        """Fold 1/alpha into the preceding ops, quantize W * alpha + B A on the learned grid, swap in nn.Linear."""
+        """Fold 1/alpha into the preceding ops, quantize W * alpha + (lora_alpha / r) B A on the learned grid, swap in nn.Linear."""
         prefix = f"{runner.layers_name}.{i}"
         holder = self._scales[i]
         modules = dict(layer.named_modules())

@@ -120,6 +120,18 @@ def test_runner_accepts_expanding_windows(toy_and_ids):
     assert torch.allclose(model.model.norm(torch.cat(outs)), ref, atol=1e-5, rtol=0)
 
 
+def test_low_rank_term_is_scaled_by_lora_alpha_over_rank():
+    """int_linear_lora.py: adapted = W + B A * (lora_alpha / r), lora_alpha 1 by default (1/4 at rank 4)."""
+    lin = torch.nn.Linear(128, 8)
+    gen = torch.Generator().manual_seed(0)
+    for alpha, factor in ((1.0, 0.25), (4.0, 1.0)):
+        w = _SliderLinear(lin, QuantSpec(bits=4), SliderQuantConfig(name="sliderquant", rank=4, lora_alpha=alpha), gen)
+        with torch.no_grad():
+            w.lora_b.normal_()
+        expect = lin.weight.float() + factor * (w.lora_b @ w.lora_a)
+        assert torch.allclose(w.effective_weight(), expect, atol=1e-6)
+
+
 def test_registered_with_the_plugin_attributes():
     cls = registry.get("method", "sliderquant")
     assert cls is SliderQuant and cls.quantizes and cls.uses_calibration
@@ -128,12 +140,16 @@ def test_registered_with_the_plugin_attributes():
 def test_defaults_follow_the_authors_config_per_setting():
     from methods.sliderquant import resolve
     cfg = SliderQuantConfig(name="sliderquant")
-    w2 = resolve(cfg, QuantSpec(bits=2))                 # W2A16: low-rank (lr 5e-4) + clipping, 60 epochs
-    assert (w2.scales, w2.lr_lowrank, w2.epochs, w2.rotate) == (False, 5e-4, 60, False)
-    w4 = resolve(cfg, QuantSpec(bits=4))
-    assert (w4.scales, w4.lr_lowrank, w4.epochs, w4.rotate) == (True, 1e-4, 20, False)
+    w2 = resolve(cfg, QuantSpec(bits=2))                 # W2A16: lora_only (low-rank lr 5e-4 + clipping), 60 epochs
+    assert (w2.mode, w2.scales, w2.lr_lowrank, w2.epochs, w2.rotate) == ("lora_only", False, 5e-4, 60, False)
+    w4 = resolve(cfg, QuantSpec(bits=4))                 # weight-only: lora_only too ("lora_only is for WXA16")
+    assert (w4.mode, w4.scales, w4.lr_lowrank, w4.epochs, w4.rotate) == ("lora_only", False, 5e-4, 20, False)
     w4a4 = resolve(SliderQuantConfig(name="sliderquant", act_bits=4), QuantSpec(bits=4))
-    assert (w4a4.scales, w4a4.rotate) == (True, True)
+    assert (w4a4.mode, w4a4.scales, w4a4.lr_lowrank, w4a4.rotate) == ("slider", True, 1e-4, True)
+    old = resolve(SliderQuantConfig(name="sliderquant", mode="slider", lr_lowrank=1e-4), QuantSpec(bits=4))
+    assert (old.scales, old.lr_lowrank) == (True, 1e-4)                       # the earlier W4A16 behaviour, by name
+    with pytest.raises(UserError, match="method.mode"):
+        SliderQuant(SliderQuantConfig(name="sliderquant", mode="smooth"))
     explicit = resolve(SliderQuantConfig(name="sliderquant", scales=True, lr_lowrank=1e-3, rotate=False, act_bits=4),
                        QuantSpec(bits=2))
     assert (explicit.scales, explicit.lr_lowrank, explicit.rotate) == (True, 1e-3, False)

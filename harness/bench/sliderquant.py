@@ -37,7 +37,9 @@ ABLATIONS = {
     "window-1 (OmniQuant-like)": ["method.shallow=0", "method.deep=0", "method.window_size=1"],
     "gamma=1": ["method.gamma=1.0"],
     "no-lowrank": ["method.rank=0"],
-    "with-scales": ["method.scales=true"],          # W2A16's default trains no scales
+    "with-scales": ["method.scales=true"],          # weight-only defaults (lora_only) train no scales
+    "unscaled-lowrank": ["method.lora_alpha=4"],    # B A without the authors' lora_alpha / r = 1/4 (rqbench before)
+    "previous-w4a16": ["method.mode=slider", "method.lr_lowrank=1e-4", "method.lora_alpha=4"],   # rqbench's earlier W3/W4A16 default
     "no-scales": ["method.scales=false"],
     "no-rotation": ["method.rotate=false"],         # W4A4's default rotates
     "untrained (epochs=0)": ["method.epochs=0"],    # the starting point: (rotation +) RTN on the clip-init grid
