@@ -13,14 +13,14 @@ from harness.types import UserError
 # The repo's conf/ (the package is installed editable, so it sits beside harness/).
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
-SUMMARY_COLUMNS = ["method", "bits", "group_size", "task", "acc", "tokens_mean", "truncation_rate"]
+SUMMARY_COLUMNS = ["method", "bits", "group_size", "task", "acc", "acc_strict", "tokens_mean", "truncation_rate"]
 
 
 def summary_row(result: dict) -> dict:
     m = result["metrics"]
     act = {"act_bits": result["act_bits"]} if result.get("act_bits") else {}
     return {"method": result["method"], "bits": result["bits"], **act, "group_size": result["group_size"],
-            "task": result["task"], "seed": result["seed"], "acc": m.get("acc"),
+            "task": result["task"], "seed": result["seed"], "acc": m.get("acc"), "acc_strict": m.get("acc_strict"),
             "tokens_mean": m.get("tokens_mean"), "truncation_rate": m.get("truncation_rate")}
 
 

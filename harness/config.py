@@ -40,6 +40,7 @@ class SamplingOverrides:
     top_p: Optional[float] = None
     top_k: Optional[int] = None
     max_new_tokens: Optional[int] = None
+    max_model_len: Optional[int] = None     # prompt + generation tokens (vLLM's max_model_len); null: no cap
 
 
 @dataclass
@@ -131,14 +132,17 @@ def _plugin(kind: str, node) -> tuple[type, Any]:
 
 
 def resolve_sampling(task_default, over: SamplingOverrides, model: ModelConfig, seed: int) -> Sampling:
-    merged = {k: getattr(task_default, k) for k in ("n", "temperature", "top_p", "top_k", "max_new_tokens")}
+    merged = {k: getattr(task_default, k, None) for k in ("n", "temperature", "top_p", "top_k", "max_new_tokens",
+                                                          "max_model_len")}
     merged.update({k: v for k, v in dataclasses.asdict(over).items() if v is not None})
     if model.max_new_tokens_cap:
         merged["max_new_tokens"] = min(merged["max_new_tokens"], model.max_new_tokens_cap)
     s = Sampling(seed=seed, **merged)
     checks = [("n", s.n >= 1, "an integer >= 1"), ("temperature", s.temperature >= 0, ">= 0 (0 = greedy)"),
               ("top_p", 0 < s.top_p <= 1, "(0, 1]"), ("top_k", s.top_k >= 0, ">= 0 (0 = off)"),
-              ("max_new_tokens", s.max_new_tokens >= 1, "an integer >= 1")]
+              ("max_new_tokens", s.max_new_tokens >= 1, "an integer >= 1"),
+              ("max_model_len", s.max_model_len is None or s.max_model_len >= 2,
+               "null (no cap) or an integer >= 2 (prompt + generated tokens)")]
     check_values("sampling", s, checks)
     return s
 

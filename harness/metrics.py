@@ -1,4 +1,9 @@
-"""Metrics over scored samples: accuracy (avg@n), unbiased pass@k, maj@n, truncation, lengths, breakdowns."""
+"""Metrics over scored samples: accuracy (avg@n), unbiased pass@k, maj@n, truncation, lengths, breakdowns.
+
+`acc`, pass@k, maj@n and the breakdowns use the lighteval-compatible verdict `correct`; `acc_strict` the
+strict one (harness/scoring.py). `truncation_rate`: finish_reason "length"; `unfinished_rate`: thinking
+samples that never closed </think>. Records written before the two verdicts existed count as strict.
+"""
 from __future__ import annotations
 
 from collections import Counter, defaultdict
@@ -39,7 +44,9 @@ def compute_metrics(records: list[dict], breakdown_keys=()) -> dict:
         "n_examples": len(groups),
         "n_samples": len(records),
         "acc": float(correct.mean()),
+        "acc_strict": float(np.mean([bool(r.get("correct_strict", r["correct"])) for r in records])),
         "truncation_rate": float(np.mean([bool(r["truncated"]) for r in records])),
+        "unfinished_rate": float(np.mean([bool(r.get("unfinished", False)) for r in records])),
         "no_answer_rate": float(np.mean([r["parsed"] is None for r in records])),
         "tokens_mean": float(tokens.mean()),
         "tokens_median": float(np.median(tokens)),

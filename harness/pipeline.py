@@ -22,6 +22,7 @@ from harness import __version__, tracking
 from harness.config import RunSpec
 from harness.metrics import compute_metrics
 from harness.quant.context import QuantContext
+from harness.scoring import closed_think_prefill, grade_sample, sample_record  # noqa: F401 (closed_think_prefill: moved)
 from harness.seeding import sample_seed
 from harness.store import (LockBusy, SampleStore, cached_dir, checkpoint_fingerprint, describe_holder, dir_state, run_lock,
                            stable_hash, write_json_atomic)
@@ -550,7 +551,8 @@ def generate_and_score(spec: RunSpec, task, examples, backend, tok, store: Sampl
             nonlocal scoring
             t0 = time.perf_counter()
             i = ids[k]
-            store.append([sample_record(task, by_id[i], per_id[i][m], seeds[k][m], prompts[i], c)])
+            store.append([sample_record(task, by_id[i], prompts[i], c.text, c.finish_reason,
+                                        sample=per_id[i][m], seed=seeds[k][m], n_tokens=c.n_tokens)])
             scoring += time.perf_counter() - t0
             bar.update(1)
 
@@ -564,34 +566,10 @@ def generate_and_score(spec: RunSpec, task, examples, backend, tok, store: Sampl
     bar.close()
 
 
-def sample_record(task, ex, j: int, seed: int, prompt: str, c) -> dict:
-    """One samples.jsonl line: sample j of example ex, scored."""
-    s = task.score(ex, closed_think_prefill(prompt) + c.text, c.finish_reason)
-    return {"id": ex.id, "sample": j, "seed": seed, "prompt": prompt, "completion": c.text,
-            "n_tokens": c.n_tokens, "finish_reason": c.finish_reason, "gold": ex.gold,
-            "parsed": s.parsed, "correct": bool(s.correct), "truncated": bool(s.truncated),
-            "meta": ex.meta, "extra": s.extra}
-
-
-def closed_think_prefill(prompt: str) -> str:
-    """The think block a prompt already closed (e.g. `enable_thinking=False` pre-fills "<think>\\n\\n</think>").
-
-    The model never writes that `</think>` itself, so scoring must see it, or every sample would
-    count as truncated.
-    """
-    start = prompt.rfind("<think>")
-    return prompt[start:] if start >= 0 and "</think>" in prompt[start:] else ""
-
-
 def rescore(task, store: SampleStore) -> list[dict]:
     by_id = {ex.id: ex for ex in task.examples()}
-    out = []
-    for r in store.records:
-        if r["id"] in by_id:
-            s = task.score(by_id[r["id"]], closed_think_prefill(r["prompt"]) + r["completion"], r["finish_reason"])
-            out.append({**r, "parsed": s.parsed, "correct": bool(s.correct), "truncated": bool(s.truncated),
-                        "extra": s.extra})
-    return out
+    return [{**r, **grade_sample(task, by_id[r["id"]], r["prompt"], r["completion"], r["finish_reason"])}
+            for r in store.records if r["id"] in by_id]
 
 
 def peak_memory() -> dict:
@@ -664,7 +642,8 @@ def _run(spec: RunSpec, cfg_dict: dict, run_tag: str = "") -> dict:
         "bits": spec.spec.bits if getattr(spec.method_cls, "quantizes", True) else 16,
         "group_size": spec.spec.group_size if getattr(spec.method_cls, "quantizes", True) else None,
         "sym": spec.spec.sym, "act_bits": spec.act.bits if spec.act is not None else None,
-        "task": spec.task_cls.name, "seed": spec.top.seed, "run_tag": run_tag,
+        "task": spec.task_cls.name, "task_info": getattr(task, "result_info", dict)(),
+        "seed": spec.top.seed, "run_tag": run_tag,
         # what the report and published numbers are matched on besides the keys above
         "subset": task_subset(spec), "calib": calib_descriptor(spec),
         "settings": {k: v for part in run_settings(spec) for k, v in part.items()},

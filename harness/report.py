@@ -39,7 +39,7 @@ KEYS = ["model", "method", "bits", "group_size", "sym", "act_bits", "run_tag", "
 # What a row is matched with published numbers on, besides its labels (harness.references.run_descriptor).
 DESCRIPTOR = ["method_name", "task_name", "subset", "calib", "calib_samples", "calib_seq_len", "act_bits",
               "group_size"]
-RATE_PREFIXES = ("acc", "pass@", "maj@", "truncation_rate", "no_answer_rate")
+RATE_PREFIXES = ("acc", "pass@", "maj@", "truncation_rate", "no_answer_rate", "unfinished_rate")
 QUANT_STAGES = ("calibrate", "quantize", "export")
 EVAL_STAGES = ("generate", "score", "evaluate")
 DEFAULT_REFERENCES = Path(__file__).resolve().parent.parent / "conf" / "references.csv"
@@ -217,6 +217,7 @@ def cells(runs: pd.DataFrame, samples: pd.DataFrame, metric: str, n_boot: int) -
                    quantize_s=float(g["quantize_s"].max()), eval_s=float(g["eval_s"].sum()),
                    tokens_generated=int(g["tokens_generated"].sum()),
                    truncation_rate=float(g["truncation_rate"].mean() * 100) if "truncation_rate" in g else math.nan,
+                   unfinished_rate=float(g["unfinished_rate"].mean() * 100) if "unfinished_rate" in g else math.nan,
                    tokens_mean=float(g["tokens_mean"].mean()) if "tokens_mean" in g else math.nan)
         row.update({k: g[k].iloc[0] for k in DESCRIPTOR if k in g})
         strict = g["acc_strict"].dropna() if metric == "acc" and "acc_strict" in g else pd.Series(dtype=float)

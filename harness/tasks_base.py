@@ -10,6 +10,16 @@ from harness.types import Example, Score, UserError
 PROMPT_STYLES = ("chat", "raw_think")
 
 
+@dataclass(frozen=True)
+class Template:
+    """A named prompt. `raw`: render() is the whole raw prompt (a paper's own "...<think>\\n" string),
+    sent without a chat template; otherwise it is the user message (or, with prompt_style=raw_think,
+    the text before "\\n<think>\\n")."""
+    render: Any                 # Example -> str
+    raw: bool = False
+    source: str = ""            # where the exact bytes come from (file in the paper's code)
+
+
 @dataclass
 class SamplingDefaults:
     """A task's sampling defaults; the reasoning-model literature's unless a task says otherwise."""
@@ -26,22 +36,41 @@ class TaskConfig:
     data_files: Optional[Any] = None      # local jsonl/json/parquet path(s) instead of the hub
     revision: Optional[str] = None        # hub dataset revision (commit/tag)
     limit: Optional[int] = None           # evaluate only the first N examples (after any ordering)
-    prompt_style: str = "chat"            # chat: model's chat template; raw_think: raw text ending "<think>\n"
+    prompt_style: Optional[str] = None    # chat: model's chat template; raw_think: raw text ending "<think>\n";
+                                          # null: the template's own (raw for a paper's raw prompts, else chat)
     enable_thinking: Optional[bool] = None   # passed to chat templates that support it
+    template: str = "rqbench"             # named prompt template (each task lists its own: qrm, quantlrm, ...)
+    source: str = "hub"                   # named data source (each task lists its own)
+    lighteval_version: str = "0.8"        # grading of `correct`: 0.8 (the papers' pinned lighteval) | 0.11
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
 
 
 class BaseTask:
-    """Subclasses set `Config`, `breakdown_keys`, and implement load/prompt_text/score."""
+    """Subclasses set `Config`, `breakdown_keys`, `TEMPLATES`, `SOURCES`, and implement load/grade/grade_lighteval."""
     name: str
     Config = TaskConfig
     breakdown_keys: tuple[str, ...] = ()
+    TEMPLATES: dict[str, Template] = {}     # name -> Template; empty: the task renders prompt_text itself
+    SOURCES: tuple[str, ...] = ("hub",)     # named data sources (task.data_files replaces the download)
 
     def __init__(self, cfg: TaskConfig):
-        if cfg.prompt_style not in PROMPT_STYLES:
-            raise UserError(f"task.prompt_style={cfg.prompt_style!r} is not allowed; allowed: {', '.join(PROMPT_STYLES)}")
+        from harness.scoring import check_lighteval_version
+        if cfg.prompt_style is not None and cfg.prompt_style not in PROMPT_STYLES:
+            raise UserError(f"task.prompt_style={cfg.prompt_style!r} is not allowed; allowed: "
+                            f"{', '.join(PROMPT_STYLES)} or null (the template's own)")
         if cfg.limit is not None and cfg.limit < 1:
             raise UserError(f"task.limit={cfg.limit!r} is not allowed; allowed: a positive integer or null")
+        if self.TEMPLATES and cfg.template not in self.TEMPLATES:
+            raise UserError(f"task.template={cfg.template!r} is not allowed for task {self.name}; allowed: "
+                            f"{', '.join(self.TEMPLATES)}")
+        if cfg.source not in self.SOURCES:
+            raise UserError(f"task.source={cfg.source!r} is not allowed for task {self.name}; allowed: "
+                            f"{', '.join(self.SOURCES)}")
+        tpl = self.TEMPLATES.get(cfg.template)
+        if tpl is not None and tpl.raw and cfg.prompt_style == "chat":
+            raise UserError(f"task.template={cfg.template!r} is a raw prompt (it ends in the paper's own "
+                            f"\"<think>\\n\"), so task.prompt_style=chat cannot apply; allowed: null or raw_think")
+        cfg.lighteval_version = check_lighteval_version(cfg.lighteval_version)
         self.cfg = cfg
 
     # --- the Task protocol -------------------------------------------------------------
@@ -50,21 +79,40 @@ class BaseTask:
         return exs[: self.cfg.limit] if self.cfg.limit else exs
 
     def prompt(self, ex: Example) -> list[dict] | str:
+        tpl = self.TEMPLATES.get(self.cfg.template)
+        if tpl is not None and tpl.raw:
+            return tpl.render(ex)
         text = self.prompt_text(ex)
         if self.cfg.prompt_style == "raw_think":
             return text + "\n<think>\n"
         return [{"role": "user", "content": text}]
 
-    def score(self, ex: Example, completion: str, finish_reason: str = "stop") -> Score:
-        from harness.scoring import score_completion
-        return score_completion(completion, finish_reason, lambda text: self.grade(ex, text))
+    def prompt_text(self, ex: Example) -> str:
+        """The user message (chat) or the text before "\\n<think>\\n" (raw_think)."""
+        return self.TEMPLATES[self.cfg.template].render(ex)
+
+    def score(self, ex: Example, completion: str, finish_reason: str = "stop", prompt: str = "") -> Score:
+        """Both verdicts (harness/scoring.py: two_verdicts). `prompt`: the rendered prompt, which tells whether
+        the model was thinking (a prompt ending in "<think>\\n") and holds a pre-closed think block."""
+        from harness.scoring import two_verdicts
+        return two_verdicts(prompt, completion, finish_reason, lambda text: self.grade(ex, text),
+                            lambda text: self.grade_lighteval(ex, text), self.cfg.lighteval_version)
+
+    def result_info(self) -> dict:
+        """What a result must say about the task besides its config (e.g. the data version)."""
+        return {"template": self.cfg.template, "source": self.cfg.source,
+                "lighteval_version": self.cfg.lighteval_version}
 
     # --- for subclasses ----------------------------------------------------------------
     def load(self) -> list[Example]:
         raise NotImplementedError
 
     def grade(self, ex: Example, answer_text: str) -> Score:
-        """Judge a final-answer text (reasoning already stripped)."""
+        """The strict rule: judge a final-answer text (reasoning already stripped)."""
+        raise NotImplementedError
+
+    def grade_lighteval(self, ex: Example, text: str) -> Score:
+        """The lighteval-compatible rule: judge the text lighteval's metric reads (the whole completion)."""
         raise NotImplementedError
 
     def records(self, hub_id: str, hub_config: str | None, split: str) -> tuple[list[dict], str]:
@@ -73,8 +121,6 @@ class BaseTask:
             return read_local_records(self.cfg.data_files), "task.data_files"
         return load_hub_records(hub_id, hub_config, split, self.cfg.revision, self.name), hub_id
 
-    def prompt_text(self, ex: Example) -> str:
-        raise NotImplementedError
 
 
 def read_local_records(data_files, key: str = "task.data_files") -> list[dict]:

@@ -24,8 +24,14 @@ class Example:
 class Score:
     correct: bool
     parsed: str | None                  # the answer extracted from the completion (None: no answer found)
-    truncated: bool = False             # no </think> or hit the token limit: scored wrong and counted
+    truncated: bool = False             # finish_reason == "length": the generation hit its token budget
     extra: dict = field(default_factory=dict)   # anything worth recording per sample
+    # Two verdicts (harness/scoring.py): `correct`/`parsed` are lighteval-compatible (the whole completion
+    # searched, as the papers graded); `correct_strict`/`parsed_strict` only read the answer after the last
+    # </think> and count unfinished reasoning as wrong. None: the task has a single rule (both equal).
+    correct_strict: Optional[bool] = None
+    parsed_strict: str | None = None
+    unfinished: bool = False            # a thinking prompt/completion that never closed </think>
 
 
 class Task(Protocol):
@@ -48,7 +54,9 @@ class Sampling:
     top_k: int = 0                      # 0 = off
     max_new_tokens: int = 256
     seed: int = 0
-    max_model_len: Optional[int] = None  # prompt + generation tokens per row (None: no cap)
+    # Cap on prompt + generated tokens (vLLM's max_model_len; QRM runs 32768). Backends give each row
+    # min(max_new_tokens, max_model_len - prompt tokens) new tokens; None: no cap beyond max_new_tokens.
+    max_model_len: Optional[int] = None
 
 
 @dataclass

@@ -1,10 +1,14 @@
-"""The toy's task: chained integer arithmetic, held-out problems, exact match of the boxed answer."""
+"""The toy's task: chained integer arithmetic, held-out problems.
+
+Strict: exact match of the last \\boxed{} after </think>. Lighteval-compatible (`acc`): the integer gold graded
+as QRM grades AIME (Expr gold, boxed-first prediction extraction over the whole completion).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from harness.registry import register_task
-from harness.scoring import last_boxed, split_reasoning
+from harness.scoring import last_boxed, lighteval_math
 from harness.tasks_base import BaseTask, SamplingDefaults, TaskConfig
 from harness.toy import arith
 from harness.types import Example, Score
@@ -37,7 +41,9 @@ class ArithTask(BaseTask):
     def prompt_text(self, ex: Example) -> str:
         return ex.question
 
-    def score(self, ex: Example, completion: str, finish_reason: str = "stop") -> Score:
-        answer_text, truncated = split_reasoning(completion, finish_reason)
-        parsed = last_boxed(answer_text) if not truncated else None
-        return Score(correct=parsed is not None and parsed == ex.gold, parsed=parsed, truncated=truncated)
+    def grade(self, ex: Example, answer_text: str) -> Score:
+        parsed = last_boxed(answer_text)
+        return Score(correct=parsed is not None and parsed == ex.gold, parsed=parsed)
+
+    def grade_lighteval(self, ex: Example, text: str) -> Score:
+        return lighteval_math(text, ex.gold, "expr")

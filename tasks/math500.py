@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness.registry import register_task
-from harness.scoring import grade_math
-from harness.tasks_base import BaseTask, TaskConfig
+from harness.scoring import grade_math, lighteval_math
+from harness.tasks_base import BaseTask, TaskConfig, Template
 from harness.types import Example, Score, UserError
 
 HUB_ID, HUB_SPLIT = "HuggingFaceH4/MATH-500", "test"
@@ -13,11 +13,17 @@ TRAIN_HUB_ID = "AI-MO/NuminaMath-1.5"       # training prompts (train_examples),
 # The DeepSeek-R1 / "Quantization Hurts Reasoning?" instruction for math problems.
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 FIELDS = ("problem", "answer", "subject", "level", "unique_id")
+# ruikangliu/Quantized-Reasoning-Models lighteval_custom/tasks/reasoning.py, prompt_fn / aime25_prompt_fn:
+#   query=f"{line["problem"]}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+QRM_MATH = Template(lambda ex: f"{ex.question}\n\n{MATH_INSTRUCTION}",
+                    source="ruikangliu/Quantized-Reasoning-Models lighteval_custom/tasks/reasoning.py: prompt_fn")
+# rqbench before templates existed: one newline before the instruction.
+RQBENCH_MATH = Template(lambda ex: f"{ex.question}\n{MATH_INSTRUCTION}")
 
 
 @dataclass
 class Math500Config(TaskConfig):
-    pass
+    template: str = "qrm"       # qrm: "\n\n" before the instruction, as the papers | rqbench: one "\n"
 
 
 def _level(value, where: str) -> int:
@@ -32,6 +38,8 @@ def _level(value, where: str) -> int:
 class Math500Task(BaseTask):
     Config = Math500Config
     breakdown_keys = ("subject", "level")
+    TEMPLATES = {"qrm": QRM_MATH, "rqbench": RQBENCH_MATH}
+    SOURCES = ("hub", "qrm")      # qrm: the same hub set (QRM reasoning.py: ./datasets/MATH-500 = HuggingFaceH4/MATH-500)
 
     def load(self) -> list[Example]:
         rows, source = self.records(HUB_ID, None, HUB_SPLIT)
@@ -57,9 +65,10 @@ class Math500Task(BaseTask):
         picked = random.Random(f"train-{seed}").sample(rows, min(n, len(rows)))
         return [Example(id=f"train-{i}", question=r["problem"], gold=str(r["answer"])) for i, r in enumerate(picked)]
 
-    def prompt_text(self, ex: Example) -> str:
-        return f"{ex.question}\n{MATH_INSTRUCTION}"
-
     def grade(self, ex: Example, answer_text: str) -> Score:
         """Judge a final-answer text (reasoning already stripped)."""
         return grade_math(answer_text, ex.gold)
+
+    def grade_lighteval(self, ex: Example, text: str) -> Score:
+        """QRM's math_500 metric: LaTeX gold extraction (reasoning.py: latex_gold_metric)."""
+        return lighteval_math(text, ex.gold, "latex")

@@ -1,17 +1,23 @@
 """BIG-Bench Hard temporal_sequences: when could someone have visited a place? Scored by option letter.
 
-Zero-shot chain of thought by default (reasoning models); `task.fewshot=1..3` prepends that many
-worked exemplars in the BBH "Q: ... A: Let's think step by step." style. The exemplars below are
-our own (not BBH's); they use the same puzzle structure so the format carries over.
+Templates (`task.template`):
+- rqbench: zero-shot chain of thought (reasoning models); `task.fewshot=1..3` prepends that many of OUR OWN
+  worked exemplars (not BBH's) in the BBH "Q: ... A: Let's think step by step." style.
+- bbh: BBH's official 3-shot CoT prompt (suzgunmirac/BIG-Bench-Hard cot-prompts/temporal_sequences.txt), read
+  from the copy lm-evaluation-harness ships (lm_eval/tasks/bbh/cot_fewshot/temporal_sequences.yaml), in the
+  format of the BBH repo's code-davinci-002 outputs: prompt + "\n\nQ: " + input + "\nA: Let's think step by step."
+- quantlrm: QuantLRM's raw prompt (psunlpgroup/QuantLRM inference_vllm.py).
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
+from functools import lru_cache
+
 from harness.registry import register_task
-from harness.scoring import cut_at_next_question, grade_choice
-from harness.tasks_base import BaseTask, TaskConfig
+from harness.scoring import cut_at_next_question, grade_choice, lighteval_letter
+from harness.tasks_base import BaseTask, TaskConfig, Template
 from harness.types import Example, Score, UserError
 
 HUB_ID, HUB_CONFIG, HUB_SPLIT = "lukaemon/bbh", "temporal_sequences", "test"
@@ -63,9 +69,43 @@ EXEMPLARS = (
 )
 
 
+@lru_cache(maxsize=1)
+def bbh_cot_prompt() -> str:
+    """BBH's official 3-shot CoT prompt for temporal_sequences, rebuilt from lm-eval's task YAML (description,
+    then "Q: {input}\\nA: Let's think step by step.\\n{target}" per exemplar, joined by blank lines)."""
+    import os
+
+    import yaml
+    import lm_eval
+    path = os.path.join(os.path.dirname(lm_eval.__file__), "tasks", "bbh", "cot_fewshot", "temporal_sequences.yaml")
+    try:
+        with open(path, encoding="utf-8") as f:
+            y = yaml.safe_load(f)
+        shots = y["fewshot_config"]["samples"]
+        description = y["description"].rstrip("\n")
+    except (OSError, KeyError, TypeError) as e:
+        raise UserError(f"task.template=bbh: could not read BBH's CoT prompt from {path} ({type(e).__name__}: {e}); "
+                        f"it ships with lm-eval (pip install lm-eval)") from None
+    return "\n\n".join([description] + [f"Q: {s['input']}\nA: Let's think step by step.\n{s['target']}"
+                                         for s in shots])
+
+
+def _bbh(ex: Example) -> str:
+    return f"{bbh_cot_prompt()}\n\nQ: {ex.question}\nA: Let's think step by step."
+
+
+# psunlpgroup/QuantLRM inference_vllm.py (temporal_sequences.json loop):
+#   "Use the timeline provided and answer step by step. Finally give the index (the letter) of the actual correct
+#   answer.\n" + d['input'] + "\n<think>\n"
+def _quantlrm(ex: Example) -> str:
+    return ("Use the timeline provided and answer step by step. Finally give the index (the letter) of the actual "
+            "correct answer.\n" + ex.question + "\n<think>\n")
+
+
 @dataclass
 class TemporalSequencesConfig(TaskConfig):
-    fewshot: int = 0          # 0: zero-shot CoT; 1..3: that many of our worked exemplars first
+    fewshot: int = 0          # template rqbench: 0: zero-shot CoT; 1..3: that many of our worked exemplars first
+    template: str = "rqbench"     # rqbench | bbh (official 3-shot CoT) | quantlrm (raw, ends "\n<think>\n")
 
 
 def option_letters(question: str) -> list[str]:
@@ -76,11 +116,18 @@ def option_letters(question: str) -> list[str]:
 @register_task("temporal_sequences")
 class TemporalSequencesTask(BaseTask):
     Config = TemporalSequencesConfig
+    # quantlrm: BBH's temporal_sequences.json (inference_vllm.py reads a local copy): the same 250 records
+    SOURCES = ("hub", "quantlrm")
 
     def __init__(self, cfg: TemporalSequencesConfig):
+        self.TEMPLATES = {"rqbench": Template(self._rqbench), "quantlrm": Template(_quantlrm, raw=True),
+                          "bbh": Template(_bbh, source="lm_eval/tasks/bbh/cot_fewshot/temporal_sequences.yaml")}
         super().__init__(cfg)
         if not 0 <= cfg.fewshot <= len(EXEMPLARS):
             raise UserError(f"task.fewshot={cfg.fewshot!r} is not allowed; allowed: 0..{len(EXEMPLARS)}")
+        if cfg.fewshot and cfg.template != "rqbench":
+            raise UserError(f"task.fewshot={cfg.fewshot} applies to task.template=rqbench only (our exemplars); "
+                            f"task.template={cfg.template} has its own shots; allowed: task.fewshot=0")
 
     def load(self) -> list[Example]:
         rows, source = self.records(HUB_ID, HUB_CONFIG, HUB_SPLIT)
@@ -99,7 +146,7 @@ class TemporalSequencesTask(BaseTask):
                                meta={"options": letters}))
         return out
 
-    def prompt_text(self, ex: Example) -> str:
+    def _rqbench(self, ex: Example) -> str:
         if self.cfg.fewshot == 0:
             return f"{ex.question}\n\n{ZERO_SHOT}"
         shots = "\n\n".join(f"Q: {q}\nA: Let's think step by step.\n{a}" for q, a in EXEMPLARS[: self.cfg.fewshot])
@@ -108,5 +155,12 @@ class TemporalSequencesTask(BaseTask):
     def grade(self, ex: Example, answer_text: str) -> Score:
         """Judge a final-answer text (reasoning already stripped); an invented next "Q:" is cut off."""
         s = grade_choice(cut_at_next_question(answer_text), ex.gold.strip("()"), ex.meta["options"])
+        s.parsed = f"({s.parsed})" if s.parsed else None
+        return s
+
+    def grade_lighteval(self, ex: Example, text: str) -> Score:
+        """No paper graded this with lighteval: lighteval's GPQA letter rule (NativeLetters) over the whole
+        completion, after cutting an invented next "Q:" (what a few-shot stop sequence does)."""
+        s = lighteval_letter(cut_at_next_question(text), ex.gold.strip("()"), ex.meta["options"])
         s.parsed = f"({s.parsed})" if s.parsed else None
         return s

@@ -100,7 +100,9 @@ def test_every_job_of_every_preset_composes_and_validates(experiment):
 def test_quantlrm_w3_pairs_each_model_with_its_base():
     seen = {}
     for _, s in job_specs("quantlrm_w3"):
-        assert s.spec.bits == 3 and s.task_cfg.prompt_style == "raw_think" and s.calib.name == "pileval"
+        assert s.spec.bits == 3 and s.calib.name == "pileval"
+        # QuantLRM's own raw prompts (inference_vllm.py) and data copies
+        assert (s.task_cfg.template, s.task_cfg.source) == ("quantlrm", "quantlrm")
         seen[s.model.path] = s.model.base
         assert s.task_cls.name in {"aime120", "folio", "temporal_sequences", "gpqa_diamond"}
     assert seen == {"deepseek-ai/DeepSeek-R1-0528-Qwen3-8B": "Qwen/Qwen3-8B",
@@ -112,6 +114,7 @@ def test_paper_presets_sweep_what_the_papers_ran():
     assert {s.top.seed for s in qrm} == {42, 43, 44} and {s.spec.bits for s in qrm} == {3, 4}
     assert {s.model.path for s in qrm} == {"deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"}
     assert {s.task_cls.name for s in qrm} == {"aime120", "math500", "gpqa_diamond"}
+    assert {(s.task_cfg.template, s.task_cfg.source, s.sampling.max_model_len) for s in qrm} == {("qrm", "qrm", 32768)}
     slider = sweep_jobs("sliderquant_r1")
     assert {o for j in slider for o in j if o.startswith("quant.bits")} == {"quant.bits=4", "quant.bits=2"}
     qat = job_specs("reasoning_qat")

@@ -38,3 +38,26 @@ def test_metrics_over_samples():
 def test_single_sample_has_no_pass_at_k():
     m = compute_metrics([_r("a", 0, True, "1")])
     assert m["acc"] == 1.0 and "pass@1" not in m
+
+
+def test_strict_accuracy_and_unfinished_rate_beside_acc():
+    recs = [{**_r("a", 0, True, "1"), "correct_strict": False, "unfinished": True},
+            {**_r("b", 0, True, "2", truncated=True), "correct_strict": False, "unfinished": False},
+            {**_r("c", 0, True, "3"), "correct_strict": True, "unfinished": False},
+            _r("d", 0, False, None)]                   # a record from before the two verdicts: strict = correct
+    m = compute_metrics(recs)
+    assert (m["acc"], m["acc_strict"], m["unfinished_rate"], m["truncation_rate"]) == (0.75, 0.25, 0.25, 0.25)
+
+
+def test_sample_record_holds_both_verdicts():
+    from harness.scoring import sample_record
+    from harness import registry
+    cls = registry.get("task", "math500")
+    task = cls(cls.Config(name="math500"))
+    from harness.types import Example
+    ex = Example(id="x", question="1+1?", gold="2", meta={"level": 1})
+    rec = sample_record(task, ex, "1+1?\n<think>\n", "it is \\boxed{2} surely", "length", sample=0, seed=7, n_tokens=9)
+    assert {k: rec[k] for k in ("id", "sample", "seed", "n_tokens", "gold", "finish_reason", "correct", "correct_strict",
+                                "truncated", "unfinished", "parsed_strict", "meta")} == {
+        "id": "x", "sample": 0, "seed": 7, "n_tokens": 9, "gold": "2", "finish_reason": "length", "correct": True,
+        "correct_strict": False, "truncated": True, "unfinished": True, "parsed_strict": None, "meta": {"level": 1}}

@@ -153,3 +153,82 @@ def test_cut_at_next_question_drops_invented_follow_up():
     assert cut_at_next_question(text) == "free from 9am to 10am. So the answer is (B)."
     assert extract_choice(cut_at_next_question(text), LETTERS) == "B"
     assert extract_choice("(A) 1pm\n(D) 2pm", LETTERS) == "D"     # what scoring the uncut text would see
+
+
+# ------------------------------------------------------------------ two verdicts (lighteval-compatible and strict)
+
+from harness.scoring import (lighteval_label, lighteval_letter, lighteval_math, remove_reasoning_tags,  # noqa: E402
+                             two_verdicts)
+
+
+def _verdicts(prompt, completion, gold="2", finish="stop", version="0.8"):
+    return two_verdicts(prompt, completion, finish, lambda t: grade_math(t, gold),
+                        lambda t: lighteval_math(t, gold, "latex"), version)
+
+
+def test_non_thinking_completion_is_graded_whole_by_both_rules():
+    s = _verdicts("What is 1+1?", "1+1 = 2, so the answer is \\boxed{2}.")
+    assert (s.correct, s.correct_strict, s.truncated, s.unfinished) == (True, True, False, False)
+
+
+def test_unclosed_think_counts_for_lighteval_only():
+    s = _verdicts("What is 1+1?\n<think>\n", "Adding gives \\boxed{2}. Let me double-check")
+    assert (s.correct, s.correct_strict, s.truncated, s.unfinished) == (True, False, False, True)
+    assert s.parsed_strict is None
+
+
+def test_closed_think_both_rules_read_the_final_boxed_answer():
+    s = _verdicts("Q\n<think>\n", "maybe \\boxed{3}? no.\n</think>\nThe answer is \\boxed{2}.")
+    assert (s.correct, s.correct_strict, s.unfinished) == (True, True, False)
+    s = _verdicts("Q\n<think>\n", "surely \\boxed{2}.\n</think>\nThe answer is \\boxed{3}.")
+    assert (s.correct, s.correct_strict) == (False, False)
+
+
+def test_length_is_truncated_and_strictly_wrong_but_lighteval_still_searches():
+    s = _verdicts("Q\n<think>\n", "\\boxed{2}</think> \\boxed{2}", finish="length")
+    assert (s.truncated, s.unfinished, s.correct, s.correct_strict) == (True, False, True, False)
+
+
+def test_prompt_that_closed_the_think_block_is_not_thinking():
+    s = _verdicts("Q<think>\n\n</think>\n\n", "\\boxed{2}")        # enable_thinking=False pre-fill
+    assert (s.correct, s.correct_strict, s.unfinished) == (True, True, False)
+
+
+def test_lighteval_version_0_11_drops_complete_think_pairs_only():
+    # lighteval >= 0.11 remove_reasoning_tags: both tags in the completion -> the block is cut.
+    assert remove_reasoning_tags("<think>a \\boxed{2}</think> b") == " b"
+    assert remove_reasoning_tags("a</think> b") == "a</think> b"             # <think> was in the prompt
+    assert remove_reasoning_tags("</think> x <think> y") == "</think> x <think> y"   # no </think> after <think>
+    pair = "<think>\\boxed{2}</think> I give up."
+    assert _verdicts("Q", pair, version="0.8").correct
+    assert not _verdicts("Q", pair, version="0.11").correct
+    assert _verdicts("Q\n<think>\n", "\\boxed{2}</think> I give up.", version="0.11").correct
+
+
+def test_lighteval_math_as_qrm_configures_it():
+    assert lighteval_math("so $x = \\frac{1}{2}$ and \\boxed{0.5}", "\\frac12", "latex").correct
+    assert lighteval_math("The final answer is 25", "025", "expr").correct      # Expr gold, no box needed
+    assert lighteval_math("\\boxed{3.14159}", "3.141592", "expr").correct      # precision 5
+    assert not lighteval_math("nothing here", "4", "expr").correct
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("Answer: B", "B"),
+    ("**Answer: C**", "C"),
+    ("The final answer is D", "D"),
+    ("Answer:\nB", "B"),                     # no " " before the letter: only the bare-letter fallback finds it
+    ("The answer involves DNA.", "A"),       # lighteval's bare-letter fallback takes the rightmost capital A-D
+    ("B) is wrong. Answer: (C)", "C"),       # "(C)" fits no anchor: the bare-letter fallback, rightmost
+    ("Answer: B\nDone. (See part C)", "C"),  # a newline after the letter breaks the anchor: bare fallback
+    ("Answer: B. Done. (See part C)", "B"),   # an anchored answer beats a later bare letter
+    ("no letter here", None),
+])
+def test_lighteval_letter_rule_reproduces_lighteval_quirks(text, expected):
+    """Expected values are lighteval 0.8.1's own extraction (checked in a side venv; harness/bench/grading.py)."""
+    assert lighteval_letter(text, "B").parsed == expected
+
+
+def test_lighteval_label_rule():
+    assert lighteval_label("So the conclusion is uncertain.", "Uncertain", ("True", "False", "Uncertain")).correct
+    s = lighteval_label("Answer: False", "True", ("True", "False", "Uncertain"))
+    assert (s.correct, s.parsed) == (False, "False")
