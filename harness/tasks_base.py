@@ -103,6 +103,10 @@ class BaseTask:
         return {"template": self.cfg.template, "source": self.cfg.source,
                 "lighteval_version": self.cfg.lighteval_version}
 
+    def example_for(self, answer, choices=None, ex_id: str = "") -> Example:
+        """An Example carrying only a gold answer (what `rqbench-score` grades against), in the task's own form."""
+        return Example(id=ex_id, question="", gold=str(answer).strip())
+
     # --- for subclasses ----------------------------------------------------------------
     def load(self) -> list[Example]:
         raise NotImplementedError

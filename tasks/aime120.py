@@ -111,6 +111,9 @@ class Aime120Task(BaseTask):
                                meta={"year": year if year is not None else "unknown"}))
         return out
 
+    def example_for(self, answer, choices=None, ex_id: str = "") -> Example:
+        return Example(id=ex_id, question="", gold=_gold(answer, f"answer of {ex_id or 'a row'}"))
+
     def grade(self, ex: Example, answer_text: str) -> Score:
         """Judge a final-answer text (reasoning already stripped)."""
         return grade_math(answer_text, ex.gold)

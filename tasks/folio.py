@@ -97,6 +97,12 @@ class FolioTask(BaseTask):
                                          "premises_text": raw, "conclusion_text": str(r["conclusion"])}))
         return out
 
+    def example_for(self, answer, choices=None, ex_id: str = "") -> Example:
+        label = LABEL_ALIASES.get(str(answer).strip().lower())
+        if label is None:
+            raise UserError(f"answer={answer!r} is not allowed for {ex_id or 'a row'}; allowed: {', '.join(LABELS)}")
+        return Example(id=ex_id, question="", gold=label, meta={"label": label})
+
     def grade(self, ex: Example, answer_text: str) -> Score:
         """Judge a final-answer text (reasoning already stripped)."""
         return grade_choice(answer_text, ex.gold, LABELS, ignore_case=True)

@@ -147,10 +147,18 @@ class GpqaDiamondTask(BaseTask):
                                meta={"domain": "unknown", "gold_letter": gold}))
         return out
 
+    def example_for(self, answer, choices=None, ex_id: str = "") -> Example:
+        """`choices`: the options (their number sets the letters, A.. ); default A-D."""
+        letters = tuple("ABCDEFGHIJ"[: len(choices)]) if choices else LETTERS
+        gold = str(answer).strip().strip("()")
+        if gold not in letters:
+            raise UserError(f"answer={answer!r} is not allowed for {ex_id or 'a row'}; allowed: {', '.join(letters)}")
+        return Example(id=ex_id, question="", gold=gold, meta={"letters": list(letters)})
+
     def grade(self, ex: Example, answer_text: str) -> Score:
         """Judge a final-answer text (reasoning already stripped)."""
-        return grade_choice(answer_text, ex.gold, LETTERS)
+        return grade_choice(answer_text, ex.gold, ex.meta.get("letters", LETTERS))
 
     def grade_lighteval(self, ex: Example, text: str) -> Score:
         """QRM's gpqa_metric: IndicesExtractionConfig(prefix_for_extraction="NativeLetters") both sides."""
-        return lighteval_letter(text, ex.gold, LETTERS)
+        return lighteval_letter(text, ex.gold, ex.meta.get("letters", LETTERS))

@@ -152,6 +152,17 @@ class TemporalSequencesTask(BaseTask):
         shots = "\n\n".join(f"Q: {q}\nA: Let's think step by step.\n{a}" for q, a in EXEMPLARS[: self.cfg.fewshot])
         return f"{DESCRIPTION}\n\n{shots}\n\nQ: {ex.question}\nA: Let's think step by step."
 
+    def example_for(self, answer, choices=None, ex_id: str = "") -> Example:
+        """`answer`: "(X)" or "X"; `choices`: the option letters (or texts: their number sets A..), default A-D."""
+        letters = [str(c).strip("() ") for c in choices] if choices and all(
+            re.fullmatch(r"\(?[A-Z]\)?", str(c).strip()) for c in choices) else (
+            list("ABCDEFGHIJKLMNOPQR"[: len(choices)]) if choices else ["A", "B", "C", "D"])
+        m = re.fullmatch(r"\(?([A-Z])\)?", str(answer).strip())
+        if m is None or m.group(1) not in letters:
+            raise UserError(f"answer={answer!r} is not allowed for {ex_id or 'a row'}; allowed: "
+                            f"{', '.join(f'({x})' for x in letters)}")
+        return Example(id=ex_id, question="", gold=f"({m.group(1)})", meta={"options": letters})
+
     def grade(self, ex: Example, answer_text: str) -> Score:
         """Judge a final-answer text (reasoning already stripped); an invented next "Q:" is cut off."""
         s = grade_choice(cut_at_next_question(answer_text), ex.gold.strip("()"), ex.meta["options"])
