@@ -22,11 +22,17 @@ EXPORTS=${EXPORTS:-packed fake}
 DATA=()
 [ -n "${MATH500:-}" ] && DATA=("task.data_files=$MATH500")
 
+# Versions first: a driver older than torch's CUDA build is the usual reason a GPU node "has no GPU".
+echo "=== $(hostname): driver, CUDA and torch"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "nvidia-smi: not found"
+nvidia-smi | grep -o "CUDA Version: [0-9.]*" || true
 python - <<'PY'
 import torch
-assert torch.cuda.is_available(), "no CUDA device visible: run this on a GPU node"
+print(f"torch {torch.__version__} built for CUDA {torch.version.cuda}; torch.cuda.is_available() = {torch.cuda.is_available()}")
+assert torch.cuda.is_available(), ("torch cannot use a GPU here: on a GPU node, compare the driver's CUDA version "
+                                   "above with torch's CUDA build")
 import vllm
-print(f"torch {torch.__version__}, vLLM {vllm.__version__}, GPU {torch.cuda.get_device_name(0)}")
+print(f"vLLM {vllm.__version__}, GPU {torch.cuda.get_device_name(0)}")
 PY
 
 for EXPORT in $EXPORTS; do
