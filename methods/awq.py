@@ -21,8 +21,8 @@ Every group the descriptor has is searched or logged in QuantResult.info["skippe
 Defaults follow llm-awq (conf/method/awq.yaml names the file of each): scales and clips searched on the
 full-precision model's activations (`search_inputs=fp`), v->o skipped when the shapes differ (GQA), clip
 = clamp to ±(1 − i/20)·max|w| (`clip_mode=absmax`). Fused MoE experts: gate_up is scaled through the
-norm (the router's columns too) and clipped on every token entering the experts; each expert's up->down
-pair is not searched (logged).
+norm (the router's columns too) and clipped on every token entering the experts (llm-compressor's
+calibrate-all-experts); each expert's own up->down pair is searched and clipped on the tokens routed to it.
 
 `search_scale` is the reusable piece: it takes any importance vector, so QuantLRM plugs its
 weight-update importance into the same search (and picks the groups via `groups`).
@@ -36,6 +36,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from harness.quant.context import MethodConfig, QuantContext
 from harness import arch
@@ -364,9 +365,6 @@ class AWQ:
             if not lins:
                 result.info["skipped"][key] = "none of its linears is selected"
                 continue
-            if f.per_expert:
-                result.info["skipped"][key] = "per-expert up->down scaling is not searched (experts quantized plainly)"
-                continue
             expand = None
             if f.gqa_pair:
                 o = arch.resolve(layer, f.linears[0])
@@ -406,8 +404,13 @@ class AWQ:
                 cm.__exit__(None, None, None)
 
         # Scale search per group on the full-precision layer (AWQ searches all groups, then applies).
-        found = []
+        found, expert_clip = [], {}
         for f, lins, expand, key in plan:
+            if f.per_expert:
+                res, xs = self._search_expert_pairs(layer, f, calls[key], spec, result, key)
+                found.append((f, lins, res, None))
+                expert_clip[f.linears[0]] = xs
+                continue
             block = arch.resolve(layer, f.inspect)
             xs = [_call_input(a, k) for a, k in calls[key]]
             lone = isinstance(block, nn.Linear) and len(lins) == 1 and lins[0] is block
@@ -446,6 +449,8 @@ class AWQ:
             for rn in f.linears:
                 if rn in samples:
                     samples[rn].parts = [p / cols.to(p.device) for p in samples[rn].parts]
+                if rn in expert_clip:               # per expert: its own routed inputs, scaled by its own s
+                    expert_clip[rn] = {e: x[::clip_step] / cols[e].to(x.device) for e, x in expert_clip[rn].items()}
 
         # Clip search on the scaled weights, then quantize every selected weight of the layer.
         skip = [re.compile(p) for p in cfg.clip_skip]
@@ -454,10 +459,54 @@ class AWQ:
             if cfg.clip and rn in samples and not any(p.search(rn) for p in skip):
                 ratio = search_clip(lin.weight.data, samples[rn].tensor(), spec, grid=cfg.clip_grid,
                                     max_shrink=cfg.clip_max_shrink, mode=cfg.clip_mode)
+            elif cfg.clip and rn in expert_clip:
+                ratio = self._expert_clip(lin, expert_clip[rn], spec)
             q, deq = _quantize(lin.weight.data, spec, ratio, cfg.clip_mode)
             lin.weight.data.copy_(deq)
             result.layers[f"{prefix}.{rn}"] = q
         samples.clear()
+
+
+    def _search_expert_pairs(self, layer, f, calls, spec, result, key):
+        """AWQ's search for each expert's own up->down pair, on the tokens the router sent to it: importance =
+        mean |act(gate)·up| of those tokens, loss = its down slice's output error (GramLoss). Experts that got
+        no token keep s = 1. Returns (ScaleSearch with scale [E, I], {expert: its down inputs})."""
+        from types import SimpleNamespace
+        cfg = self.cfg
+        experts, gu, down = (arch.resolve(layer, n) for n in (f.inspect, f.prev, f.linears[0]))
+        n_exp, _, inter = down.shape
+        xs: dict[int, list] = {}
+        for args, _kw in calls:
+            x, idx = args[0].reshape(-1, args[0].shape[-1]), args[1]
+            for e in torch.unique(idx).tolist():
+                if e < n_exp:
+                    gate, up = F.linear(x[(idx == e).any(-1)], gu[e]).chunk(2, dim=-1)
+                    xs.setdefault(e, []).append((experts.act_fn(gate) * up).float())
+        scale = torch.ones(n_exp, inter, device=down.device)
+        ratios = {}
+        for e, parts in xs.items():
+            view = SimpleNamespace(weight=down.data[e], in_features=inter, out_features=down.shape[1], bias=None)
+            imp = torch.cat(parts).abs().mean(0)
+            wmean = weight_mean([view], spec) if cfg.duo_scaling else None
+            res = search_scale(imp, [view], GramLoss(parts, view), spec, grid=cfg.grid,
+                               normalize=cfg.normalize_scales, duo_weight_mean=wmean)
+            scale[e] = res.scale
+            ratios[e] = res.ratio
+        result.info["scales"][key] = {"experts_searched": len(ratios), "experts": n_exp,
+                                      "ratios": [ratios.get(e) for e in range(n_exp)]}
+        return ScaleSearch(scale=scale, ratio=float("nan"), loss=float("nan"), base_loss=float("nan")), \
+            {e: torch.cat(p) for e, p in xs.items()}
+
+    def _expert_clip(self, mat, xs: dict, spec: QuantSpec) -> torch.Tensor:
+        """Per expert clip ratios on its own routed inputs, stacked as the [E·out, groups] matrix; 1 without tokens."""
+        cfg = self.cfg
+        rows, inp = mat.rows_per_expert, mat.in_features
+        ng = 1 if spec.group_size <= 0 else inp // spec.group_size
+        out = torch.ones(mat.experts * rows, ng, device=mat.weight.device)
+        for e, x in xs.items():
+            out[e * rows:(e + 1) * rows] = search_clip(mat.param.data[e], x, spec, grid=cfg.clip_grid,
+                                                       max_shrink=cfg.clip_max_shrink, mode=cfg.clip_mode)
+        return out
 
 
 def _reduce_to(v: torch.Tensor, expand: torch.Tensor, n: int) -> torch.Tensor:

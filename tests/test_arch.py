@@ -235,3 +235,39 @@ def test_gptq_experts_use_the_tokens_routed_to_each_and_fall_back_to_rtn():
     d = res.layers["model.layers.0.mlp.experts.down_proj"]
     n = rtn.codes.shape[0]
     assert torch.equal(d.codes[2 * n:3 * n], rtn.codes)
+
+
+# ------------------------------------------------------------------ had-K rotation matrices
+
+@pytest.mark.parametrize("n", [12, 20, 28, 36, 96, 1536, 2560, 3584, 5120])
+def test_non_power_of_two_widths_get_a_hadamard_rotation(n):
+    from harness.quant.rotation import hadamard, random_orthogonal
+    h = hadamard(n)
+    assert torch.equal(h.abs(), torch.ones_like(h)) and torch.equal(h @ h.T, n * torch.eye(n, dtype=torch.float64))
+    q = random_orthogonal(n, seed=1)
+    assert torch.allclose(q.abs(), torch.full_like(q, n ** -0.5))      # had-K, not a dense QR matrix
+    assert torch.allclose(q @ q.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+
+
+def test_widths_without_a_hadamard_fall_back_to_qr():
+    from harness.quant.rotation import hadamard, random_orthogonal
+    assert hadamard(90) is None                     # 90 = 2 mod 4: no Hadamard matrix exists
+    q = random_orthogonal(90, seed=0)
+    assert torch.allclose(q @ q.T, torch.eye(90, dtype=torch.float64), atol=1e-10)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "olmo3", "phi3", "gemma2"])
+def test_w3_awq_beats_rtn_with_every_group_searched(model_type):
+    """AWQ through the descriptors, MoE experts included (each expert's up->down pair on its routed tokens)."""
+    m0 = tiny_model(model_type, dtype=torch.float32, num_key_value_heads=4)
+    ids = tokens(8, 32)
+    ref = _logits(m0, ids)
+    errs = {}
+    for method in ("rtn", "awq"):
+        m = copy.deepcopy(m0)
+        res, _ = _run(m, method, ids, bits=3)
+        errs[method] = float((_logits(m, ids) - ref).norm() / ref.norm())
+    assert errs["awq"] < 0.95 * errs["rtn"]
+    assert not res.info["skipped"]                               # MHA here: every descriptor group applies
+    if model_type in MOE:
+        assert res.info["scales"]["model.layers.0.down"]["experts_searched"] == 4
