@@ -27,7 +27,7 @@ def summary_row(result: dict) -> dict:
 def print_summary(result: dict) -> None:
     import pandas as pd
     df = pd.DataFrame([summary_row(result)])
-    extra = {k: v for k, v in result["metrics"].items() if k.startswith(("pass@", "maj@")) or "/" in k}
+    extra = {k: v for k, v in result["metrics"].items() if k.startswith(("pass@", "maj@", "ppl")) or "/" in k}
     print(df.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     if extra:
         print("  " + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items()))
