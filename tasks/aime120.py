@@ -71,16 +71,18 @@ class Aime120Task(BaseTask):
         super().__init__(cfg)
         if cfg.subset not in SUBSETS:
             raise UserError(f"task.subset={cfg.subset!r} is not allowed; allowed: {', '.join(SUBSETS)}")
-        if cfg.source == "aime2024" and cfg.subset not in ("all", "aime24"):
-            raise UserError(f"task.subset={cfg.subset!r} is not allowed with task.source=aime2024 (AIME 2024 "
-                            f"only); allowed: all, aime24")
+        if cfg.source == "aime2024":
+            if cfg.subset not in ("all", "aime24"):
+                raise UserError(f"task.subset={cfg.subset!r} is not allowed with task.source=aime2024 (AIME 2024 "
+                                f"only); allowed: all, aime24")
+            cfg.subset = "aime24"       # so the run, its directory and the report say AIME-2024, not AIME-120
 
     def _records(self) -> list[tuple[str, int, dict, int | None]]:
         """(source, index, record, default year) for every record, local or hub."""
         cfg = self.cfg
         if cfg.data_files:
             return [("task.data_files", i, r, None) for i, r in enumerate(read_local_records(cfg.data_files))]
-        years = SUBSETS["aime24" if cfg.source == "aime2024" else cfg.subset]
+        years = SUBSETS[cfg.subset]
         out = []
         for hub in HUBS[cfg.source]:
             (hub_id, split, key, holds, default), rev = hub, (cfg.revision_aime25 if hub is AIME25 else cfg.revision)
@@ -91,7 +93,7 @@ class Aime120Task(BaseTask):
         return out
 
     def load(self) -> list[Example]:
-        years = SUBSETS["aime24" if self.cfg.source == "aime2024" else self.cfg.subset]
+        years = SUBSETS[self.cfg.subset]
         out = []
         for source, i, r, default in self._records():
             where = f"{source} record {i}"

@@ -134,7 +134,9 @@ def test_aime2024_source_reads_only_the_2024_problems(monkeypatch):
                                   {"id": 1, "problem": "p1", "answer": "6", "url": "https://x/2024_AIME_I_Problems/Problem_1"}]}
     calls = []
     monkeypatch.setattr(mod, "load_hub_records", lambda path, *a: calls.append(path) or hub[path])
-    assert [ex.id for ex in make("aime120", source="aime2024").examples()] == ["aime90/1"]
+    t = make("aime120", source="aime2024")
+    assert [ex.id for ex in t.examples()] == ["aime90/1"]
+    assert t.cfg.subset == "aime24"           # the run is labelled AIME-2024, not AIME-120
     assert calls == ["xiaoyuanliu/AIME90"]
     calls.clear()
     monkeypatch.setattr(mod, "load_hub_records", lambda path, *a: calls.append(path) or [
