@@ -143,10 +143,12 @@ def gpus_torch_cannot_use() -> str:
 # ------------------------------------------------------------------ naming and keys
 
 def method_code_version(cls) -> str:
-    """Hash of the method's modules and of the shared quantization core (harness/quant/) it builds on:
-    editing either invalidates the cached checkpoints it made."""
+    """Hash of the method's modules, of the shared quantization core (harness/quant/) it builds on and of the
+    architecture descriptors (harness/arch.py): editing any invalidates the cached checkpoints it made."""
+    import harness.arch
     import harness.quant
     h = hashlib.sha256()
+    h.update(Path(harness.arch.__file__).read_bytes())
     modules = dict.fromkeys(k.__module__ for k in cls.__mro__ if k.__module__.split(".")[0] in ("methods", "harness"))
     for mod in modules:         # a subclass (QuantLRM) also depends on its parent's module (AWQ)
         h.update(inspect.getsource(sys.modules[mod]).encode())
