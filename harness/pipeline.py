@@ -9,9 +9,11 @@ import inspect
 import json
 import os
 import resource
+import shutil
 import sys
+import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -26,7 +28,7 @@ from harness.scoring import closed_think_prefill, grade_sample, sample_record  #
 from harness.seeding import sample_seed
 from harness.store import (LockBusy, SampleStore, cached_dir, checkpoint_fingerprint, describe_holder, dir_state, run_lock,
                            stable_hash, write_json_atomic)
-from harness.types import UserError
+from harness.types import UserError, spill_layers
 
 
 def log(msg: str) -> None:
@@ -362,13 +364,20 @@ def build_checkpoint(spec: RunSpec, tok, source: str, device, cfg_dict: dict, ti
     built: dict = {}
 
     def build(tmp: Path) -> None:
+        with ExitStack() as stack:
+            _build(tmp, stack)
+
+    def _build(tmp: Path, stack: ExitStack) -> None:
         with timer.stage("load"):
             model = load_model(source, spec, quantization_home(spec.method_cls, device))
         ctx = QuantContext(spec=spec.spec, method_cfg=spec.method_cfg, tokenizer=tok,
                            calib=_calibration(spec, tok, model, device), device=device,
                            model_path=Path(source) if Path(source).exists() else None,
                            cache_dir=Path(spec.top.cache_dir).expanduser(), progress=spec.top.progress)
-        with timer.stage("quantize"):
+        # Each layer's codes go to node-local scratch ($TMPDIR) as the method makes them, not to host RAM.
+        spill = Path(tempfile.mkdtemp(prefix="rqbench-codes-"))
+        stack.callback(shutil.rmtree, spill, True)
+        with timer.stage("quantize"), spill_layers(spill):
             result = spec.method.quantize(model, ctx)
         from harness import arch      # no W<b> label on weights left in full precision
         built["coverage"] = arch.check_coverage(model, set(result.layers), spec.method_cfg.include,

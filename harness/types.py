@@ -1,7 +1,11 @@
 """The small interfaces every plugin speaks (see DESIGN.md, "Interfaces")."""
 from __future__ import annotations
 
+import contextvars
+from collections.abc import MutableMapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional, Protocol
 
 
@@ -84,9 +88,66 @@ class QuantizedLinear:
     sym: bool
 
 
+_SPILL_DIR: contextvars.ContextVar = contextvars.ContextVar("rqbench_spill_dir", default=None)
+
+
+@contextmanager
+def spill_layers(directory):
+    """QuantResults created inside this block keep each layer's codes in a file under `directory` (None: in RAM).
+
+    A method holds the uint8 codes of every quantized layer until the export (~1 byte per weight: ~70 GB
+    for a 70B model); spilled, host memory no longer grows with depth and the export reads one layer at a time."""
+    token = _SPILL_DIR.set(None if directory is None else str(directory))
+    try:
+        yield
+    finally:
+        _SPILL_DIR.reset(token)
+
+
+class SpilledLayers(MutableMapping):
+    """QuantResult.layers whose QuantizedLinear entries live in files (one per layer), read back on access."""
+
+    def __init__(self, directory):
+        import uuid
+        self.dir = Path(directory) / uuid.uuid4().hex[:12]
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._files: dict[str, Path] = {}
+        self._numel: dict[str, int] = {}
+
+    def __setitem__(self, name: str, q: "QuantizedLinear") -> None:
+        import torch
+        path = self._files.get(name) or self.dir / f"{len(self._files):06d}.pt"
+        torch.save({"codes": q.codes, "scale": q.scale, "zero": q.zero, "bits": q.bits,
+                    "group_size": q.group_size, "sym": q.sym}, path)
+        self._files[name], self._numel[name] = path, int(q.codes.numel())
+
+    def __getitem__(self, name: str) -> "QuantizedLinear":
+        import torch
+        return QuantizedLinear(**torch.load(self._files[name], weights_only=True))
+
+    def __delitem__(self, name: str) -> None:
+        self._files.pop(name).unlink(missing_ok=True)
+        del self._numel[name]
+
+    def __iter__(self):
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def numel(self, name: str) -> int:
+        return self._numel[name]
+
+
+def _new_layers():
+    d = _SPILL_DIR.get()
+    return {} if d is None else SpilledLayers(d)
+
+
 @dataclass
 class QuantResult:
-    layers: dict[str, QuantizedLinear] = field(default_factory=dict)   # module name -> codes
+    # module name -> codes; under `spill_layers(dir)` a SpilledLayers (same mapping interface, codes on disk)
+    layers: MutableMapping = field(default_factory=_new_layers)
     info: dict = field(default_factory=dict)                             # method-specific log
     # Weight-activation methods: the input-activation spec (harness.quant.actquant.ActSpec.to_dict() plus
     # "targets", the linears whose inputs are fake-quantized); None: weight-only.

@@ -414,3 +414,11 @@ def test_sigkill_mid_generation_keeps_every_finished_sample_and_resumes_without_
     ref = [json.loads(x) for x in (tmp_path / "clean" / samples.relative_to(tmp_path / "killed")).read_text().splitlines()]
     key = lambda r: (r["id"], r["sample"])
     assert sorted(recs, key=key) == sorted(ref, key=key)
+
+
+def test_sampling_max_model_len_reaches_the_engine_and_each_request(fake_vllm, tmp_path):
+    run("backend=vllm", "method=fp", "task.limit=4", "sampling.max_model_len=100", f"results_dir={tmp_path}")
+    [engine] = fake_vllm.engines
+    assert engine.kwargs["max_model_len"] == 100
+    for _, prompt, sp in engine.llm_engine.requests:
+        assert sp.max_tokens == min(128, 100 - len(prompt["prompt_token_ids"])) < 128
