@@ -342,6 +342,17 @@ def dir_state(root: Path, key: str) -> tuple[str, dict]:
 
 
 @contextmanager
+def shared_lock(path: Path, what: str = "", timeout_s: float | None = None,
+                on_wait: Callable[[dict], None] | None = None):
+    """A Lease on `path` held for the `with` block (for caches on shared storage, instead of filelock)."""
+    lease = acquire(Path(path), what=what, timeout_s=timeout_s, on_wait=on_wait)
+    try:
+        yield lease
+    finally:
+        lease.release()
+
+
+@contextmanager
 def run_lock(run_dir: Path, on_wait: Callable[[dict], None] | None = None, timeout_s: float | None = None):
     """Exclusive hold of one run directory for the `with` block.
 
@@ -353,8 +364,5 @@ def run_lock(run_dir: Path, on_wait: Callable[[dict], None] | None = None, timeo
     killed on any node is detected by its missing heartbeat.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
-    lease = acquire(run_dir / "run.lock", what=f"run {run_dir}", timeout_s=timeout_s, on_wait=on_wait)
-    try:
+    with shared_lock(run_dir / "run.lock", what=f"run {run_dir}", timeout_s=timeout_s, on_wait=on_wait) as lease:
         yield lease
-    finally:
-        lease.release()

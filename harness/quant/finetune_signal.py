@@ -396,14 +396,13 @@ def load_or_compute(cache_dir: Optional[Path], key: dict, compute: Callable[[], 
     """
     if cache_dir is None:
         return compute(), None, False
-    from filelock import FileLock
     from harness.quant.state import StateFile
-    from harness.store import stable_hash
+    from harness.store import shared_lock, stable_hash
     root = Path(cache_dir).expanduser() / "quantlrm" / "signals"
     root.mkdir(parents=True, exist_ok=True)
     path = root / f"{stable_hash(key)}.pt"
     cache = StateFile(path, key)
-    with FileLock(str(path) + ".lock"):
+    with shared_lock(Path(str(path) + ".lock"), what=f"QuantLRM signal {path.name}"):    # holds on NFS/Lustre too
         state = cache.load()
         if state is not None:
             return Signals.from_state(state), path, True
