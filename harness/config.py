@@ -71,6 +71,7 @@ class TopLevel:
     run_tag: str = ""
     stage: str = "all"              # all | quantize (build the checkpoint only) | evaluate (the checkpoint must exist)
     lock_wait_s: float = 6 * 3600   # longest wait for another live job holding this run directory
+    reproduces: Optional[str] = None    # "<paper>/<table>" a preset reproduces (rqbench-plan shows those numbers)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 

@@ -23,8 +23,8 @@ REPO = CONF.parent
 METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
 # Methods the paper presets name that other issues are still building (no conf/method/*.yaml yet).
 FUTURE_METHODS = {"sliderquant", "reasoning_qat"}
-EXPECTED_JOBS = {"quantlrm_w3": 2 * 3 * 4, "qrm": 2 * 2 * 3 * 3, "sliderquant_r1": 3 * 2 * 2, "reasoning_qat": 2 * 2,
-                 "toy_all": len(METHODS) * 3}
+EXPECTED_JOBS = {"quantlrm_w3": 2 * 3 * 4, "qrm": 2 * 2 * 3 * 3, "qrm_calibration": 2 * 2 * 3,
+                 "sliderquant_r1": 2 * 3 * 2 * 2, "reasoning_qat": 2 * 2 * 3, "toy_all": len(METHODS) * 3}
 
 
 def composed(*overrides, hydra_cfg=False):
@@ -74,7 +74,7 @@ def job_specs(experiment: str, *extra: str):
 
 
 def test_value_overrides_on_a_copy_equal_hydra_composition():
-    job = ["method=awq", "quant.bits=3", "task=gpqa_diamond", "seed=43"]
+    job = ["recipe=qrm_awq", "quant.bits=3", "task=gpqa_diamond", "seed=43"]
     [(_, fast)] = [x for x in job_specs("qrm") if x[0] == job]
     slow = validate(composed("experiment=qrm", *job, "results_dir=/tmp/rq-x"))
     assert fast == slow and fast.task_cfg.seed == 43 and fast.backend_node.seed == 43
@@ -115,12 +115,41 @@ def test_paper_presets_sweep_what_the_papers_ran():
     assert {s.model.path for s in qrm} == {"deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"}
     assert {s.task_cls.name for s in qrm} == {"aime120", "math500", "gpqa_diamond"}
     assert {(s.task_cfg.template, s.task_cfg.source, s.sampling.max_model_len) for s in qrm} == {("qrm", "qrm", 32768)}
-    slider = sweep_jobs("sliderquant_r1")
-    assert {o for j in slider for o in j if o.startswith("quant.bits")} == {"quant.bits=4", "quant.bits=2"}
-    qat = job_specs("reasoning_qat")
-    assert {s.model.path for _, s in qat if s} == {"Qwen/Qwen3-0.6B"} and {s.task_cls.name for _, s in qat if s} == {"math500"}
-    # The full-precision rows: method=fp on the command line replaces the method sweep.
-    fp = job_specs("qrm", "method=fp")
+    slider = [s for _, s in job_specs("sliderquant_r1")]
+    assert {s.spec.bits for s in slider} == {4, 2} and {s.calib.name for s in slider} == {"wikitext2"}
+    assert {s.model.path for s in slider} == {"deepseek-ai/DeepSeek-R1-Distill-Qwen-14B",
+                                              "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B"}
+    assert {(s.task_cls.name, getattr(s.task_cfg, "subset", None)) for s in slider} == {("math500", None),
+                                                                                        ("aime120", "aime24")}
+    qat = [s for _, s in job_specs("reasoning_qat")]
+    assert {s.model.path for s in qat} == {"Qwen/Qwen3-0.6B"} and {s.task_cls.name for s in qat} == {"math500"}
+    assert {s.top.seed for s in qat} == {0, 1, 2} and {s.calib.name for s in qat} == {"reasoning"}
+    trained = [s for s in qat if s.method_cls.name == "reasoning_qat"]
+    assert len(trained) == 6 and all(s.method_cfg.rl.enabled and s.method_cfg.seed == s.top.seed for s in trained)
+
+
+def test_qrm_runs_each_method_as_the_paper():
+    """AWQ on Pile 128 x 512; GPTQ on the model's NuminaMath-1.5 traces 128 x 2048 with MSE clip and act-order."""
+    for _, s in job_specs("qrm"):
+        c = s.calib
+        if s.method_cls.name == "awq":
+            assert (c.name, c.n_samples, c.seq_len) == ("pileval", 128, 512)
+        else:
+            assert s.method_cls.name == "gptq" and s.method_cfg.mse_clip and s.method_cfg.act_order
+            assert (c.name, c.n_samples, c.seq_len, c.prompts, c.prompt_key) == ("reasoning", 128, 2048, "hub", "problem")
+        assert s.top.reproduces == "qrm/Table 1"
+    table2 = [s for _, s in job_specs("qrm_calibration")]
+    assert {(s.method_cls.name, s.calib.name) for s in table2} == {(m, c) for m in ("awq", "gptq")
+                                                                   for c in ("wikitext2", "reasoning")}
+    assert {s.spec.bits for s in table2} == {3} and {s.top.seed for s in table2} == {42}
+    assert all(s.method_cfg.mse_clip for s in table2 if s.method_cls.name == "gptq")
+
+
+def test_quantlrm_w3_runs_as_the_authors():
+    for _, s in job_specs("quantlrm_w3"):
+        assert s.model.dtype == "float16" and s.calib.name == "pileval" and s.calib.seq_len == 512
+    # The full-precision rows: recipe=qrm_fp on the command line replaces the recipe sweep.
+    fp = job_specs("qrm", "recipe=qrm_fp")
     assert len(fp) == 2 * 3 * 3 and len({run_dir(s) for _, s in fp}) == 3 * 3     # bits do not matter for fp
 
 
