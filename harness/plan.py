@@ -107,7 +107,7 @@ def job_row(i: int, spec) -> dict:
     ref = found.sort_values("n_seeds", ascending=False).iloc[0] if len(found) else None
     results = Path(spec.top.results_dir)
     return {
-        "job": i, "model": references.model_base(spec.model.name), "method": spec.method_cls.name,
+        "job": i, "model": spec.model.name.rstrip("/").split("/")[-1], "method": spec.method_cls.name,
         "bits": spec.spec.bits if quantizes else 16,
         "group": spec.spec.group_size if quantizes else "-",
         "calib": f"{calib['name']} {calib['n_samples']}x{calib['seq_len']}" if calib else "-",

@@ -16,8 +16,8 @@ def test_qrm_plan_matches_every_job_to_table_1(capsys, tmp_path):
     assert "36 jobs (0 done), 4 distinct checkpoints to build (0 built), 36 jobs matched a published number " \
            "(12 distinct)" in out
     # AWQ W3 on Pile: Table 1's 4.4 ± 1.3 on AIME-120; GPTQ W3 on reasoning traces: 75.3 ± 0.4 on MATH-500.
-    awq = [l for l in out.splitlines() if "awq-w3g128-pileval/aime120/seed42" in l]
-    gptq = [l for l in out.splitlines() if "/math500/seed44" in l and "gptq-w3g128-reasoning" in l]
+    awq = [l for l in out.splitlines() if "awq-w3g128-pileval/aime120" in l and "/seed42" in l]
+    gptq = [l for l in out.splitlines() if "/math500" in l and "/seed44" in l and "gptq-w3g128-reasoning" in l]
     assert len(awq) == 1 and "4.40 ± 1.30 (n=3) qrm Table 1" in awq[0] and "pileval 128x512" in awq[0]
     assert len(gptq) == 1 and "75.30 ± 0.40 (n=3) qrm Table 1" in gptq[0] and "reasoning 128x2048" in gptq[0]
     assert "GPU-hours" in out
