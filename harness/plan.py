@@ -5,6 +5,7 @@ method, bits, group, calibration, task/subset, seed, run directory and whether i
 checkpoint it needs and whether that is built, and the published number it will be compared with
 (conf/references.csv; the preset's `reproduces` table first). Then the number of distinct checkpoints to
 build and a rough GPU-hour estimate from the model sizes. A bad override fails as it fails in `rqbench`.
+`--references=PATH` compares with another references CSV.
 """
 from __future__ import annotations
 
@@ -181,7 +182,12 @@ def main(argv=None) -> int:
         print(__doc__)
         return 0
     multirun = any(a in ("-m", "--multirun") for a in argv)
-    overrides = [a for a in argv if a not in ("-m", "--multirun")]
+    refs = [a.split("=", 1)[1] for a in argv if a.startswith("--references=")]
+    if refs:                    # another references CSV (e.g. numbers pinned with `python -m harness.references pin`)
+        from harness import references
+        global _REFS
+        _REFS = references.load(Path(refs[-1]))
+    overrides = [a for a in argv if a not in ("-m", "--multirun") and not a.startswith("--references=")]
     try:
         rows = plan(overrides, multirun)
     except UserError as e:

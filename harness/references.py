@@ -1,5 +1,8 @@
 """Published numbers as data: conf/references.csv, and which of them a run is comparable with.
 
+`python -m harness.references pin RESULTS --paper ID` writes our own results as reference rows in the same
+format (a baseline later reruns are checked against; the toy miniatures' "published" numbers).
+
 The committed CSV is a transcription of a published-results table (one row per published cell, with its
 source). `python -m harness.references build <published_results.csv> > conf/references.csv` rebuilds it
 from such a table; that command only reads the file it is given and keeps the rows rqbench can run
@@ -165,6 +168,34 @@ def fmt_ref(ref) -> str:
     return f"{float(ref['mean']):.2f}{std} (n={int(ref['n_seeds'])})"
 
 
+def from_results(root: Path, paper: str, table: str, metric: str = "acc") -> pd.DataFrame:
+    """Our own results under `root` as reference rows (mean ± std over seeds per cell), e.g. to pin a baseline
+    that later reruns must reproduce. Source: the results directory."""
+    from harness import report
+    runs = report.collect(Path(root))
+    if runs.empty:
+        return pd.DataFrame(columns=COLUMNS)
+    out = []
+    for _, c in report.cells(runs, pd.DataFrame(), metric, 0).iterrows():
+        quant = not _missing(c["bits"]) and int(c["bits"]) < 16
+        out.append({"paper": paper, "table": table, "model": c["model"], "method": c["method_name"],
+                    "bits": int(c["bits"]) if quant else 16,
+                    "act_bits": 16 if _missing(c.get("act_bits")) else int(c["act_bits"]),
+                    "group_size": int(c["group_size"]) if quant and not _missing(c.get("group_size")) else None,
+                    "calib": None if _missing(c.get("calib")) else c["calib"],
+                    "calib_samples": None if _missing(c.get("calib_samples")) else int(c["calib_samples"]),
+                    "calib_seq_len": None if _missing(c.get("calib_seq_len")) else int(c["calib_seq_len"]),
+                    "task": c["task_name"], "subset": None if _missing(c.get("subset")) else c["subset"],
+                    "metric": metric, "mean": round(float(c["mean"]), 4),
+                    "std": None if _missing(c["std"]) else round(float(c["std"]), 4), "n_seeds": int(c["n_seeds"]),
+                    "seeds": c["seeds"], "calib_text": None, "note": f"pinned from {c['method']} / {c['task']}",
+                    "source": f"rqbench results {Path(root).resolve()}"})
+    df = pd.DataFrame(out, columns=COLUMNS)
+    for col in ("group_size", "calib_samples", "calib_seq_len"):
+        df[col] = df[col].astype("Int64")
+    return df
+
+
 # ------------------------------------------------------------------ CLI
 
 def main(argv=None) -> int:
@@ -174,7 +205,15 @@ def main(argv=None) -> int:
     b = sub.add_parser("build", help="print conf/references.csv built from a published-results CSV")
     b.add_argument("csv", help="a published-results CSV (columns paper, table, model, method, bits, act_bits, "
                                "group_size, calib, task, metric, mean, std, n_seeds, seeds, note)")
+    p = sub.add_parser("pin", help="print our own results (mean ± std over seeds per cell) as reference rows")
+    p.add_argument("results", help="a results directory (searched recursively, as rqbench-report)")
+    p.add_argument("--paper", required=True, help="the id the rows are filed under (rqbench-report --paper ID)")
+    p.add_argument("--table", default="pinned")
+    p.add_argument("--metric", default="acc")
     args = ap.parse_args(argv)
+    if args.cmd == "pin":
+        from_results(Path(args.results), args.paper, args.table, args.metric).to_csv(sys.stdout, index=False)
+        return 0
     methods = {p.stem for p in (CONF / "method").glob("*.yaml")}
     tasks = {p.stem for p in (CONF / "task").glob("*.yaml")}
     from_published(Path(args.csv), methods, tasks).to_csv(sys.stdout, index=False)
