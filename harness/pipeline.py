@@ -262,18 +262,24 @@ def run_settings(spec: RunSpec) -> tuple[dict, dict]:
     else:
         ckpt.update(_diff("method", spec.method_cfg, spec.method_cls.Config()))
     task_base = _yaml_default("task", CONF_DIR / "task" / f"{spec.task_cls.name}.yaml", spec.task_cls.Config, spec)
-    ev = _diff("task", spec.task_cfg, task_base, skip=("name", "sampling", "subset") + prefix_keys(spec))
+    ev = _diff("task", spec.task_cfg, task_base, skip=("name", "sampling") + SUBSET_KEYS + prefix_keys(spec))
     default_sampling = dataclasses.asdict(task_base.sampling) if task_base is not None else {}
     ev.update({f"sampling.{k}": v for k, v in dataclasses.asdict(spec.sampling).items()
                if k != "seed" and default_sampling.get(k) != v})
     return ckpt, ev
 
 
+SUBSET_KEYS = ("subset", "dataset")       # task keys that pick which data of a task (AIME year, perplexity corpus)
+
+
 def task_subset(spec: RunSpec):
-    """The task's subset when it is not its file's default (e.g. AIME-2024 of AIME-120), else None."""
-    subset = getattr(spec.task_cfg, "subset", None)
+    """The task's subset (or dataset) when it is not its file's default (e.g. AIME-2024 of AIME-120), else None."""
     base = _yaml_default("task", CONF_DIR / "task" / f"{spec.task_cls.name}.yaml", spec.task_cls.Config, spec)
-    return None if subset is None or subset == getattr(base, "subset", None) else str(subset)
+    for key in SUBSET_KEYS:
+        value = getattr(spec.task_cfg, key, None)
+        if value is not None and value != getattr(base, key, None):
+            return str(value)
+    return None
 
 
 def calib_label(spec: RunSpec):

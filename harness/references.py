@@ -11,7 +11,8 @@ from such a table; that command only reads the file it is given and keeps the ro
 - calibration: "pileval 128x512" -> calib=pileval, 128 x 512 (`calib_text` keeps the original);
   "NuminaMath-1.5" (QRM Table 2, size not printed) -> calib=reasoning, size blank = any;
 - group size: "unknown" or blank -> blank (any group matches), "per-channel ..." -> -1;
-- task: "aime24" -> task=aime120, subset=aime24 (AIME-2024 is that subset of rqbench's AIME task).
+- task: "aime24" -> task=aime120, subset=aime24 (AIME-2024 is that subset of rqbench's AIME task);
+  "wikitext2_ppl" / "c4_ppl" -> task=ppl with dataset wikitext2 (its default: no subset) / c4.
 
 A run matches a reference when model (last path component), method, weight and activation bits, group
 size, calibration (name and, where the paper printed it, samples x length), task and subset all agree.
@@ -35,13 +36,13 @@ COLUMNS = ["paper", "table", "model", "method", "bits", "act_bits", "group_size"
 # Short ids of the papers (`rqbench-report --paper <id>`), by the start of the CSV's `paper` field.
 PAPERS = {"Quantization Hurts Reasoning?": "qrm", "SliderQuant": "sliderquant", "QuantLRM": "quantlrm",
           "Reasoning-QAT": "reasoning_qat"}
-# Tasks of the published table that are subsets of an rqbench task.
-TASK_ALIASES = {"aime24": ("aime120", "aime24")}
-# Published metric -> ours: pass@1 from one sample per problem is accuracy.
-METRIC_ALIASES = {"pass@1": "acc"}
+# Tasks of the published table that are an rqbench task with a subset (or dataset) chosen.
+TASK_ALIASES = {"aime24": ("aime120", "aime24"), "wikitext2_ppl": ("ppl", None), "c4_ppl": ("ppl", "c4")}
+# Published metric -> ours: pass@1 from one sample per problem is accuracy; task=ppl reports `ppl`.
+METRIC_ALIASES = {"pass@1": "acc", "perplexity": "ppl"}
 CALIB_NAMES = {"pileval": "pileval", "wikitext2": "wikitext2", "c4": "c4",
                "self-generated NuminaMath-1.5 reasoning traces": "reasoning", "NuminaMath-1.5": "reasoning"}
-DEFAULT_SUBSET = {"aime120": "all"}
+DEFAULT_SUBSET = {"aime120": "all", "ppl": "wikitext2"}     # each task file's default: no subset
 
 
 def _missing(v) -> bool:
@@ -139,7 +140,8 @@ def matches(ref, run: dict) -> bool:
             g = run["group_size"]
             if g is None or (int(ref["group_size"]) <= 0) != (g <= 0) or (g > 0 and g != int(ref["group_size"])):
                 return False
-    if not _missing(ref["calib"]) and int(ref["bits"]) < 16:     # a full-precision row calibrates nothing
+    # A full-precision row calibrates nothing; nor does a method without calibration (RTN) whatever the row says.
+    if not _missing(ref["calib"]) and int(ref["bits"]) < 16 and run["calib"] is not None:
         c = run["calib"]
         if c is None or c.get("name") != ref["calib"]:
             return False

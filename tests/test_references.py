@@ -34,6 +34,13 @@ SAMPLE = [
      2048, "math500", None, "pass@1", 58.6, None, 1),
     ("sliderquant", "Table 5", "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B", "fp", 16, None, "wikitext2", 128, 2048,
      "aime120", "aime24", "pass@1", 76.67, None, 1),
+    # Table 1 perplexity (NOTES.md: Llama2-7B WikiText2/C4 FP16 5.47/6.97, W4A16 GPTQ 5.83/7.37, SliderQuant 5.61/7.19)
+    ("sliderquant", "Table 1", "meta-llama/Llama-2-7b-hf", "fp", 16, -1, "wikitext2", 128, 2048, "ppl", None,
+     "perplexity", 5.47, None, 1),
+    ("sliderquant", "Table 1", "meta-llama/Llama-2-7b-hf", "gptq", 4, -1, "wikitext2", 128, 2048, "ppl", "c4",
+     "perplexity", 7.37, None, 1),
+    ("sliderquant", "Table 1", "meta-llama/Llama-2-7b-hf", "sliderquant", 4, -1, "wikitext2", 128, 2048, "ppl", None,
+     "perplexity", 5.61, None, 1),
 ]
 FIELDS = ["paper", "table", "model", "method", "bits", "group_size", "calib", "calib_samples", "calib_seq_len", "task",
           "subset", "metric", "mean", "std", "n_seeds"]
@@ -51,8 +58,8 @@ def _none(v):
 @pytest.mark.parametrize("row", SAMPLE, ids=lambda r: f"{r[0]}-{r[1]}-{r[3]}{r[4]}-{r[9]}")
 def test_sampled_rows_are_transcribed(refs, row):
     want = dict(zip(FIELDS, row))
-    keys = ["paper", "table", "model", "method", "bits", "task", "subset", "calib"]
-    sel = refs
+    keys = ["paper", "table", "model", "method", "bits", "task", "subset", "calib", "metric"]
+    sel = refs[refs["act_bits"] == 16]                 # every sampled row is weight-only (W4A4 rows sit beside W4A16)
     for k in keys:
         sel = sel[sel[k].isna()] if want[k] is None else sel[sel[k] == want[k]]
     assert len(sel) == 1, want
@@ -64,16 +71,19 @@ def test_sampled_rows_are_transcribed(refs, row):
 
 
 def test_every_row_is_runnable_and_sourced(refs):
-    assert len(refs) == 147                        # QRM T1/3/4/5: 120, T2: 15; SliderQuant T5 without OmniQuant: 12
+    # QRM T1/3/4/5: 120, T2: 15; SliderQuant T5: 12 and T1: 84 (OmniQuant, GSM8K and LiveCodeBench are not ours)
+    assert len(refs) == 231
     assert set(refs["method"]) <= METHODS and set(refs["task"]) <= TASKS
-    assert set(refs["task"]) == {"aime120", "math500", "gpqa_diamond"}          # GSM8K, LiveCodeBench, ppl: not ours
+    assert set(refs["task"]) == {"aime120", "math500", "gpqa_diamond", "ppl"}
     assert set(refs["paper"]) == {"qrm", "sliderquant"}
     assert ((refs["method"] == "fp") == (refs["bits"] == 16)).all()
-    assert refs["mean"].between(0, 100).all() and refs["n_seeds"].isin([1, 3]).all()
+    acc = refs[refs["metric"] != "perplexity"]
+    assert acc["mean"].between(0, 100).all() and refs["n_seeds"].isin([1, 3]).all() and (refs["mean"] > 0).any()
+    assert len(refs[refs["metric"] == "perplexity"]) == 84 and (refs[refs["metric"] == "perplexity"]["mean"] > 1).all()
     assert (refs[refs["n_seeds"] == 3]["std"].notna()).all() and (refs[refs["n_seeds"] == 1]["std"].isna()).all()
     assert refs["source"].str.contains("arXiv").all()
     # Each (paper, table, model, method, bits, calib, task, subset) is one published cell.
-    key = ["paper", "table", "model", "method", "bits", "calib", "task", "subset"]
+    key = ["paper", "table", "model", "method", "bits", "act_bits", "calib", "task", "subset"]
     assert not refs[key].astype(str).duplicated().any()
     assert len(refs[(refs["paper"] == "qrm") & (refs["table"] == "Table 1")
                     & (refs["model"] == QRM_1_5B) & (refs["method"] != "fp")]) == 12
@@ -121,3 +131,8 @@ def test_matching_rules(refs):
                                    task="aime120", subset="aime24")
     assert list(references.find(refs, sq, paper="sliderquant")["mean"]) == [76.67]
     assert references.find(refs, sq, metric="acc_strict").empty
+    # Perplexity: task=ppl on C4 is the subset "c4"; RTN calibrates nothing, so the row's calibration is no key.
+    rtn = references.run_descriptor(model="meta-llama/Llama-2-7b-hf", method="rtn", bits=4, group_size=-1, task="ppl",
+                                    subset="c4")
+    assert len(references.find(refs, rtn, metric="ppl")) == 1
+    assert references.find(refs, {**rtn, "subset": "wikitext2"}, metric="ppl")["subset"].isna().all()
