@@ -20,14 +20,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from harness import __version__, tracking
+from harness import __version__, store, tracking
 from harness.config import RunSpec
 from harness.metrics import compute_metrics
 from harness.quant.context import QuantContext
 from harness.scoring import closed_think_prefill, grade_sample, sample_record  # noqa: F401 (closed_think_prefill: moved)
 from harness.seeding import sample_seed
-from harness.store import (LockBusy, SampleStore, cached_dir, checkpoint_fingerprint, describe_holder, dir_state, run_lock,
-                           stable_hash, write_json_atomic)
+from harness.store import (LockBusy, SampleStore, cached_dir, checkpoint_fingerprint, describe_holder, dir_state,
+                           holder_age, run_lock, stable_hash, write_json_atomic)
 from harness.types import UserError, spill_layers
 
 
@@ -448,14 +448,16 @@ def require_checkpoint(spec: RunSpec) -> None:
     root, name, _ = checkpoint_location(spec, model_source(spec))
     state, holder = dir_state(root, name)
     if state != "complete":
-        how = f"being built by {describe_holder(holder)}" if state == "building" else "not in the cache"
+        how = (f"being built by {describe_holder(holder)} (its lock was last touched {holder_age(root / f'{name}.lock')})"
+               if state == "building" else "not in the cache")
         raise UserError(f"checkpoint not built: {root / name} is {how}; run stage=quantize with the same model, "
                         f"method, quant, calib and export first (or stage=all to build it in this job)")
 
 
 def quantize_stage(spec: RunSpec, cfg_dict: dict) -> dict:
     """stage=quantize: build the run's checkpoint and stop (no task, no generation). A checkpoint already in the
-    cache, or one another live job is building, is left alone at once: a quantize array never waits."""
+    cache is left alone at once; one another job is building only for as long as it takes to see whether that
+    job is alive (store.STALE_S): a live builder is left to it, a dead one's lock is broken and the job builds."""
     timer = Timer()
     out = {"stage": "quantize", "model": spec.model.name, "method": spec.method_cls.name, "label": quant_label(spec)}
     if not getattr(spec.method_cls, "quantizes", True):
@@ -470,8 +472,8 @@ def quantize_stage(spec: RunSpec, cfg_dict: dict) -> dict:
         return {**out, "checkpoint": str(root / name), "status": "already built"}
     device = pick_device(spec.top.device)
     tok = load_tokenizer(source, spec)
-    try:
-        ckpt, model = build_checkpoint(spec, tok, source, device, cfg_dict, timer, wait_s=0)
+    try:    # wait only as long as it takes to tell a live builder from a dead one (whose lock is then broken)
+        ckpt, model = build_checkpoint(spec, tok, source, device, cfg_dict, timer, wait_s=1.5 * store.STALE_S)
     except LockBusy as e:
         log(f"checkpoint {root / name} is being built by {describe_holder(e.holder)}: nothing to do here")
         return {**out, "checkpoint": str(root / name), "status": "being built elsewhere"}

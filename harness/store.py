@@ -329,6 +329,12 @@ def cached_dir(root: Path, key: str, build: Callable[[Path], None], on_wait: Cal
         lease.release()
 
 
+def holder_age(lock: Path) -> str:
+    """How long ago a lock file was touched, by this machine's clock (node clocks may differ a little)."""
+    m = _mtime(Path(lock))
+    return "never" if m is None else f"{max(0.0, time.time() - m / 1e9):.0f} s ago"
+
+
 def dir_state(root: Path, key: str) -> tuple[str, dict]:
     """("complete" | "building" | "absent", holder) of root/key, without waiting or building."""
     if (root / key / ".complete").exists():

@@ -37,17 +37,20 @@ def test_evaluate_fails_fast_without_its_checkpoint_then_runs_after_quantize(tmp
     assert run_inprocess("method=fp", "stage=quantize", f"results_dir={res}")["status"] == "nothing to build"
 
 
-def test_a_checkpoint_another_job_is_building_is_neither_waited_for_nor_rebuilt(tmp_path):
+def test_a_checkpoint_another_job_is_building_is_neither_waited_for_nor_rebuilt(tmp_path, monkeypatch):
+    from harness import store
+    monkeypatch.setattr(store, "STALE_S", 1.0)         # a quantize job waits 1.5 x this to tell alive from dead
     res, cache = tmp_path / "r", tmp_path / "c"
     args = ["method=rtn", *SMALL, f"results_dir={res}", f"cache_dir={cache}"]
     with pytest.raises(UserError) as e:
         run_inprocess(*args, "stage=evaluate")
     ckpt = Path(str(e.value).split("checkpoint not built: ")[1].split(" is ")[0])
-    builder = Lease(ckpt.parent / f"{ckpt.name}.lock", what="builder")      # a live job is quantizing it
+    builder = Lease(ckpt.parent / f"{ckpt.name}.lock", what="builder", heartbeat_s=0.1)   # a live job quantizes it
     assert builder.try_acquire()
     try:
         assert run_inprocess(*args, "stage=quantize")["status"] == "being built elsewhere"
-        with pytest.raises(UserError, match=rf"is being built by host \S+, pid {os.getpid()}.*run stage=quantize"):
+        with pytest.raises(UserError, match=rf"is being built by host \S+, pid {os.getpid()}.*last touched \d+ s ago.*"
+                                            rf"run stage=quantize"):
             run_inprocess(*args, "stage=evaluate")
     finally:
         builder.release()
@@ -83,3 +86,18 @@ def test_a_bad_job_records_its_error_and_the_sweep_goes_on(tmp_path):
     [metrics] = dirs(tmp_path, "metrics.json")                  # job 1 ran
     assert json.loads(metrics.read_text())["bits"] == 4
     assert "1 job(s) of this sweep stopped with an error" in proc.stderr
+
+
+def test_quantize_breaks_the_lock_of_a_builder_that_died_on_another_node(tmp_path, monkeypatch):
+    from harness import store
+    monkeypatch.setattr(store, "STALE_S", 1.0)
+    res, cache = tmp_path / "r", tmp_path / "c"
+    args = ["method=rtn", *SMALL, f"results_dir={res}", f"cache_dir={cache}"]
+    with pytest.raises(UserError) as e:
+        run_inprocess(*args, "stage=evaluate")
+    ckpt = Path(str(e.value).split("checkpoint not built: ")[1].split(" is ")[0])
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    (ckpt.parent / f"{ckpt.name}.lock").write_text(json.dumps({"host": "node17", "pid": 99, "token": "dead",
+                                                                "started": "2026-12-01T00:00:00Z"}))
+    out = run_inprocess(*args, "stage=quantize")
+    assert out["status"] == "built" and (ckpt / ".complete").exists()
