@@ -97,6 +97,9 @@ class RLConfig:
     prompt_key: str = "problem"
     answer_key: str = "answer"
     n_prompts: int = 1024             # size of the prompt pool
+    n_val: int = 128                  # held-out prompts (not in the pool): greedy accuracy with the task's scorer
+    eval_every: int = 5               # ... measured every this many steps (and at step 0, the RL start)
+    keep_best: bool = True            # end with the state of the best validation accuracy (ties: the earliest)
     save_every: int = 5
     seed: int = 0
 
@@ -167,6 +170,7 @@ def check_config(cfg: ReasoningQATConfig) -> None:
                ("rl.max_grad_norm", r.max_grad_norm >= 0, ">= 0"),
                ("rl.prompts", r.prompts in RL_PROMPTS, ", ".join(RL_PROMPTS)),
                ("rl.n_prompts", r.n_prompts >= 1, "an integer >= 1"),
+               ("rl.n_val", r.n_val >= 0, "an integer >= 0"), ("rl.eval_every", r.eval_every >= 1, "an integer >= 1"),
                ("rl.save_every", r.save_every >= 1, "an integer >= 1")]
     check_values("method", cfg, checks, get=_get)
     if cfg.init != "none":
@@ -294,10 +298,12 @@ def train_qat(model, teacher, examples, cfg: ReasoningQATConfig, *, pad_id: int,
 
 # ------------------------------------------------------------------ GRPO
 
-def rl_examples(rc: RLConfig, task) -> list[Example]:
-    """Training prompts with verifiable answers (never the task's evaluation split)."""
+def rl_examples(rc: RLConfig, task, skip: int = 0) -> tuple[list[Example], list[Example]]:
+    """(training prompts, held-out validation prompts) with verifiable answers (never the task's evaluation split).
+    prompts=task: the task's training problems after the first `skip` (those QAT trained on)."""
     if rc.prompts == "task":
-        return task.train_examples(rc.n_prompts, rc.seed)
+        exs = task.train_examples(skip + rc.n_prompts + rc.n_val, rc.seed)[skip:]
+        return exs[:rc.n_prompts], exs[rc.n_prompts:]
     path = Path(rc.path).expanduser()
     if not path.is_file():
         raise UserError(f"method.rl.path={rc.path!r}: no such file")
@@ -311,7 +317,8 @@ def rl_examples(rc: RLConfig, task) -> list[Example]:
         out.append(Example(id=f"rl-{len(out)}", question=rec[rc.prompt_key], gold=str(rec[rc.answer_key])))
     if not out:
         raise UserError(f"{path}: no records")
-    return out[:rc.n_prompts]
+    n_val = min(rc.n_val, len(out) // 2)
+    return out[:len(out) - n_val][:rc.n_prompts], out[len(out) - n_val:]
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
@@ -344,16 +351,21 @@ def grpo_loss(logp, old_logp, ref_logp, adv, resp_mask, clip_eps: float, kl_beta
 
 def train_grpo(model, tok, task, cfg: ReasoningQATConfig, *, device, state_file: StateFile,
                progress: bool = True, stop_at: Optional[int] = None) -> dict:
-    """GRPO on the fake-quant model. Returns {"rewards": [mean reward per step], "resumed_at": int}."""
+    """GRPO on the fake-quant model. Returns {"rewards": [mean sampled reward per step], "val": [[step, greedy
+    accuracy on the held-out prompts]], "best_step", "resumed_at"}; with `rl.keep_best` the model ends in the
+    state of the best validation accuracy (the RL start included: RL never ends below it there)."""
     from harness.backends.hf import HFBackend, HFBackendConfig
     from harness.pipeline import render_prompt
     from harness.seeding import sample_seed
     rc = cfg.rl
-    pool = rl_examples(rc, task)
+    pool, val_pool = rl_examples(rc, task, skip=cfg.n_train + cfg.n_val if cfg.data == "task" else 0)
     params = trainable(model)
     opt = torch.optim.AdamW(list(params.values()), lr=rc.lr, weight_decay=0.0)
     saved = resume(state_file, model, opt, None)
     start, rewards_log = (saved["step"], list(saved["rewards"])) if saved is not None else (0, [])
+    val_log = [list(v) for v in saved["val"]] if saved is not None else []
+    best = saved["best"] if saved is not None else None
+    best_step = saved["best_step"] if saved is not None else None
     resumed_at = start
     ref = None
     if rc.kl_beta > 0:
@@ -375,8 +387,27 @@ def train_grpo(model, tok, task, cfg: ReasoningQATConfig, *, device, state_file:
     eos = tok.eos_token_id
     pad = backend.pad_id
     enable_thinking = getattr(task.cfg, "enable_thinking", None)
-    sampling = Sampling(n=rc.group_size, temperature=rc.temperature, top_p=rc.top_p,
-                        max_new_tokens=rc.max_new_tokens or task.cfg.sampling.max_new_tokens, seed=rc.seed)
+    max_new = rc.max_new_tokens or task.cfg.sampling.max_new_tokens
+    sampling = Sampling(n=rc.group_size, temperature=rc.temperature, top_p=rc.top_p, max_new_tokens=max_new,
+                        seed=rc.seed)
+    val_prompts = [render_prompt(tok, task.prompt(ex), enable_thinking) for ex in val_pool]
+
+    def validate(step: int) -> None:
+        nonlocal best, best_step
+        if not val_pool:
+            return
+        model.eval()
+        vb = HFBackend(HFBackendConfig(batch_size=max(1, min(len(val_pool), 128))), model, tok, device, progress=False)
+        outs = vb.generate(val_prompts, Sampling(n=1, temperature=0.0, max_new_tokens=max_new, seed=rc.seed))
+        acc = sum(task.score(ex, o[0].text, o[0].finish_reason).correct for ex, o in zip(val_pool, outs)) / len(val_pool)
+        val_log.append([step, acc])
+        earlier = [v for _, v in val_log[:-1]]
+        if not earlier or acc > max(earlier):          # ties keep the earlier state
+            best_step = step
+            best = {n: p.detach().cpu().clone() for n, p in params.items()} if rc.keep_best else None
+
+    if start == 0 and not val_log:
+        validate(0)
     bar = tqdm(range(start, rc.steps), desc="reasoning_qat grpo", unit="step", disable=not progress,
                initial=start, total=rc.steps)
     for step in bar:
@@ -440,12 +471,18 @@ def train_grpo(model, tok, task, cfg: ReasoningQATConfig, *, device, state_file:
             model.eval()
         bar.set_postfix(reward=f"{rewards_log[-1]:.3f}")
         done = step + 1
+        if done % rc.eval_every == 0 or done == rc.steps:
+            validate(done)
         if done % rc.save_every == 0 or done == rc.steps or (stop_at is not None and done >= stop_at):
-            extra = {"rewards": rewards_log}
+            extra = {"rewards": rewards_log, "val": val_log, "best": best, "best_step": best_step}
             if ref is not None:
                 extra["ref"] = ref
             state_file.save(snapshot(model, opt, None, done, **extra))
-    return {"rewards": rewards_log, "resumed_at": resumed_at}
+    if len(rewards_log) == rc.steps and rc.keep_best and best is not None:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(best[n].to(p.device))
+    return {"rewards": rewards_log, "val": val_log, "best_step": best_step, "resumed_at": resumed_at}
 
 
 # ------------------------------------------------------------------ the method
@@ -598,11 +635,14 @@ class ReasoningQAT:
             rl_stop = None if stop_at is None else max(0, stop_at - steps)
             out = train_grpo(model, tok, task, cfg, device=ctx.device, state_file=rl_file, progress=ctx.progress,
                              stop_at=rl_stop)
-            info.update(rl_rewards=out["rewards"], rl_resumed_at=out["resumed_at"],
+            info.update(rl_rewards=out["rewards"], rl_val=out["val"], rl_best_step=out["best_step"],
+                        rl_resumed_at=out["resumed_at"],
                         rl_seconds=round(time.perf_counter() - t3, 3))
             if len(out["rewards"]) < cfg.rl.steps:
                 raise TrainingStopped(f"reasoning_qat stopped after RL step {len(out['rewards'])} (state saved)")
-            print("reasoning_qat grpo mean reward per step: " + " ".join(f"{r:.2f}" for r in out["rewards"]), flush=True)
+            print("reasoning_qat grpo mean reward per step: " + " ".join(f"{r:.2f}" for r in out["rewards"])
+                  + "; validation accuracy " + " ".join(f"{s_}:{v:.3f}" for s_, v in out["val"])
+                  + f"; kept step {out['best_step']}", flush=True)
         result = fakequant.detach(model)
         for p in model.parameters():
             p.requires_grad_(False)

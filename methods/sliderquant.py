@@ -76,6 +76,7 @@ from harness.quant.rotation import rotate_model
 from harness.quant.state import StateFile, TrainingStopped
 from harness.quant.runner import LayerwiseRunner, _check_windows, _first_tensor, on_device
 from harness.registry import register_method
+from harness.train.loop import lr_lambda
 from harness.types import check_values, QuantizedLinear, QuantResult, UserError
 from harness import arch
 from harness.quant import fold as folding
@@ -572,7 +573,7 @@ class SliderQuant:
                 for p in g["params"]:
                     p.requires_grad_(True)
             opt = torch.optim.AdamW(groups)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps))
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(0, steps, "linear"))     # the authors: linear, no warm-up
             order_gen = torch.Generator().manual_seed(cfg.seed * 1000003 + stage * 1009 + win.index)
             with torch.enable_grad():
                 for _ in range(epochs):

@@ -113,7 +113,7 @@ def test_preempted_training_resumes_to_the_same_weights(tmp_path):
     cfg = ReasoningQATConfig(name="reasoning_qat", steps=6, batch_size=2, lr=3e-4, warmup=1, save_every=2,
                              learn_scales=True, scale_lr=1e-4, task="arith", data="calib", n_val=4, eval_every=2,
                              rl=RLConfig(enabled=True, steps=2, prompts_per_step=2, group_size=4, max_new_tokens=64,
-                                         lr=1e-4, save_every=1, kl_beta=0.05))
+                                         lr=1e-4, save_every=1, kl_beta=0.05, n_val=4, eval_every=1))
     whole, r_whole = _final(cfg, spec, tmp_path / "a")
     with pytest.raises(TrainingStopped):
         _final(cfg, spec, tmp_path / "b", stop_at=3)            # preempted in QAT (state saved at step 3)
@@ -124,11 +124,30 @@ def test_preempted_training_resumes_to_the_same_weights(tmp_path):
     assert info["qat_resumed_at"] == 6 and info["rl_resumed_at"] == 1
     assert info["qat_losses"] == r_whole.info["reasoning_qat"]["qat_losses"]
     assert info["rl_rewards"] == r_whole.info["reasoning_qat"]["rl_rewards"]
+    assert info["rl_val"] == r_whole.info["reasoning_qat"]["rl_val"] and [s for s, _ in info["rl_val"]] == [0, 1, 2]
+    assert info["qat_val"] == r_whole.info["reasoning_qat"]["qat_val"]
     for name, q in r_whole.layers.items():
         assert torch.equal(q.codes, r_resumed.layers[name].codes) and torch.equal(q.scale, r_resumed.layers[name].scale)
     for (n, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), n
     assert not list((tmp_path / "b").rglob("*.pt"))            # state files removed once finished
+
+
+def test_grpo_keeps_its_start_when_validation_never_improves():
+    """A destructive RL step (huge lr) lowers the held-out accuracy: the model ends where RL started."""
+    from methods.reasoning_qat import make_task, train_grpo
+    base, tok, ids = _toy()
+    spec = QuantSpec(bits=2, group_size=128)
+    cfg = ReasoningQATConfig(name="reasoning_qat", task="arith", data="calib",
+                             rl=RLConfig(enabled=True, steps=2, prompts_per_step=4, group_size=4, max_new_tokens=64,
+                                         lr=0.05, n_val=16, eval_every=1))
+    model = _init(cfg, spec)
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    out = train_grpo(model, tok, make_task("arith"), cfg, device=torch.device("cpu"), state_file=StateFile(None, {}),
+                     progress=False)
+    assert [s for s, _ in out["val"]] == [0, 1, 2] and out["val"][-1][1] < out["val"][0][1]
+    assert out["best_step"] == 0 and max(v for _, v in out["val"]) == out["val"][0][1]     # ties keep the earlier
+    assert all(torch.equal(p, start[n]) for n, p in model.named_parameters() if p.requires_grad)
 
 
 def test_group_advantages_and_clipped_objective():

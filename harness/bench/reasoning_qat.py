@@ -27,6 +27,9 @@ from pathlib import Path
 import torch
 
 
+VARIANTS = ("ptq", "qat-sft", "qat-kd", "qat-kd+rl")
+
+
 def accuracy(model, tok, n: int, batch_size: int = 100) -> float:
     from harness.backends.hf import HFBackend, HFBackendConfig
     from harness.pipeline import render_prompt
@@ -67,7 +70,7 @@ def run_one(base, tok, bits: int, seed: int, args) -> dict:
     model, ptq_s = start()
     out["ptq"] = {"acc": accuracy(model, tok, args.limit), "seconds": round(ptq_s, 2)}
     none = StateFile(None, {})
-    for objective in ("sft", "kd"):
+    for objective in [o for o in ("sft", "kd") if f"qat-{o}" in args.variants or (o == "kd" and "qat-kd+rl" in args.variants)]:
         c = replace(cfg, objective=objective)
         model, ptq_s = start()
         t = time.perf_counter()
@@ -75,12 +78,12 @@ def run_one(base, tok, bits: int, seed: int, args) -> dict:
                        state_file=none, val_examples=val, progress=args.progress)
         out[f"qat-{objective}"] = {"acc": accuracy(model, tok, args.limit),
                                    "seconds": round(ptq_s + time.perf_counter() - t, 2), **tr}
-    t = time.perf_counter()          # +rl continues from the qat-kd model just measured
-    g = train_grpo(model, tok, make_task("arith"), cfg, device=torch.device("cpu"), state_file=none,
-                   progress=args.progress)
-    out["qat-kd+rl"] = {"acc": accuracy(model, tok, args.limit),
-                        "seconds": round(out["qat-kd"]["seconds"] + time.perf_counter() - t, 2),
-                        "rewards": g["rewards"]}
+    if "qat-kd+rl" in args.variants:
+        t = time.perf_counter()          # +rl continues from the qat-kd model just measured
+        g = train_grpo(model, tok, make_task("arith"), cfg, device=torch.device("cpu"), state_file=none,
+                       progress=args.progress)
+        out["qat-kd+rl"] = {"acc": accuracy(model, tok, args.limit),
+                            "seconds": round(out["qat-kd"]["seconds"] + time.perf_counter() - t, 2), **g}
     return out
 
 
@@ -92,6 +95,8 @@ def plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(len(runs), 3, figsize=(13, 2.6 * len(runs)), squeeze=False)
     for ax, r in zip(axes, runs):
         for col, obj in ((0, "qat-sft"), (1, "qat-kd")):
+            if obj not in r:
+                continue
             d = r[obj]
             ax[col].plot(range(1, len(d["losses"]) + 1), d["losses"], lw=0.6, label="train")
             ax[col].plot([s for s, _ in d["val"]], [v for _, v in d["val"]], "o-", label="validation")
@@ -101,10 +106,14 @@ def plot(report: dict, path: Path) -> None:
             ax[col].set_title(f"W{r['bits']} seed {r['seed']} {obj} (acc {d['acc']:.3f}, ptq {r['ptq']['acc']:.3f})",
                               fontsize=8)
             ax[col].legend(fontsize=6)
-        rw = r["qat-kd+rl"]["rewards"]
-        ax[2].plot(range(1, len(rw) + 1), rw, "o-")
-        ax[2].set_title(f"GRPO mean reward (acc {r['qat-kd+rl']['acc']:.3f})", fontsize=8)
-        ax[2].set_ylim(0, 1)
+        if "qat-kd+rl" in r:
+            g = r["qat-kd+rl"]
+            ax[2].plot(range(1, len(g["rewards"]) + 1), g["rewards"], "o-", label="sampled reward")
+            if g.get("val"):
+                ax[2].plot([s for s, _ in g["val"]], [v for _, v in g["val"]], "s-", label="validation accuracy")
+            ax[2].set_title(f"GRPO (acc {g['acc']:.3f}, kd {r['qat-kd']['acc']:.3f})", fontsize=8)
+            ax[2].set_ylim(0, 1)
+            ax[2].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
@@ -114,6 +123,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--limit", type=int, default=500, help="held-out problems evaluated (the arith task's 500)")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--override", type=json.loads, default=None, help="JSON of ReasoningQATConfig fields")
     ap.add_argument("--rl", type=json.loads, default=None, help="JSON of RLConfig fields")
     ap.add_argument("--threads", type=int, default=1)
@@ -134,13 +144,13 @@ def main(argv=None) -> int:
               "runs": []}
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    variants = ("ptq", "qat-sft", "qat-kd", "qat-kd+rl")
+    variants = [v for v in VARIANTS if v == "ptq" or v in args.variants]
     for bits in args.bits:
         for seed in args.seeds:
             r = run_one(base, tok, bits, seed, args)
             report["runs"].append(r)
             out_path.write_text(json.dumps(report, indent=1) + "\n")
-            print(json.dumps({"bits": bits, "seed": seed, **{v: [r[v]["acc"], r[v]["seconds"]] for v in variants}}),
+            print(json.dumps({"bits": bits, "seed": seed, **{v: [r[v]["acc"], r[v]["seconds"]] for v in variants if v in r}}),
                   flush=True)
     plot(report, out_path.with_suffix(".png"))
     print(f"\nfp accuracy {report['fp_acc']:.3f} on {args.limit} held-out toy problems; curves: {out_path.with_suffix('.png')}")
@@ -148,7 +158,10 @@ def main(argv=None) -> int:
     for v in variants:
         row = f"{v:<12}"
         for b in args.bits:
-            runs = [r[v] for r in report["runs"] if r["bits"] == b]
+            runs = [r[v] for r in report["runs"] if r["bits"] == b and v in r]
+            if not runs:
+                row += f"{'-':>28}"
+                continue
             accs = [x["acc"] for x in runs]
             sd = statistics.pstdev(accs) if len(accs) > 1 else 0.0
             row += f"{statistics.mean(accs):>12.3f} ± {sd:.3f} {statistics.mean(x['seconds'] for x in runs):>7.0f}s"
