@@ -114,6 +114,7 @@ def test_continuous_batching_greedy_equals_generate_alone(toy_trained):
     got = [(o[0].text, o[0].n_tokens, o[0].finish_reason) for o in ours]
     assert got == [_reference(model, tok, p, 40) for p in prompts]
     assert {g[2] for g in got} == {"stop", "length"}
+    assert model.config._attn_implementation == "sdpa"     # the CPU GQA attention is switched back after the call
 
 
 def test_on_sample_streams_each_row_as_it_finishes(toy_random):

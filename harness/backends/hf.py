@@ -17,11 +17,14 @@ from __future__ import annotations
 import inspect
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from harness.backends import slots
 from harness.registry import register_backend
@@ -29,6 +32,40 @@ from harness.seeding import gumbel_noise
 from harness.types import Completion, Sampling, UserError
 
 OnSample = Callable[[int, int, Completion], None]
+GQA_SDPA = "rqbench_sdpa_gqa"
+
+
+def _sdpa_gqa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' "sdpa" attention, with grouped-query heads handed to SDPA (`enable_gqa`) instead of copied.
+
+    With a padding mask transformers repeats every key/value head `n_rep` times before SDPA (on CUDA the
+    GQA path with a mask falls back to the math kernel). On CPU that copy of the whole cache at every step
+    costs more than the attention itself, and SDPA's GQA path gives the same numbers."""
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+        is_causal=query.shape[2] > 1 and attention_mask is None and is_causal, enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(GQA_SDPA, _sdpa_gqa)
+AttentionMaskInterface.register(GQA_SDPA, sdpa_mask)
+
+
+@contextmanager
+def _cpu_gqa_attention(model, device: torch.device):
+    """On CPU, run a model that uses plain "sdpa" attention with `_sdpa_gqa` for the duration of a generate call."""
+    switch = device.type == "cpu" and getattr(model.config, "_attn_implementation", None) == "sdpa"
+    if switch:
+        try:
+            model.set_attn_implementation(GQA_SDPA)
+        except Exception:               # a model that cannot switch keeps its own attention
+            switch = False
+    try:
+        yield
+    finally:
+        if switch:
+            model.set_attn_implementation("sdpa")
 
 
 @dataclass
@@ -102,7 +139,8 @@ class HFBackend:
         for r in rows:
             if r.budget <= 0:           # the prompt alone fills the context: nothing can be generated
                 emit(r.i, r.j, Completion(text="", n_tokens=0, finish_reason="length"))
-        self._decode([r for r in rows if r.budget > 0], encoded, sampling, emit)
+        with _cpu_gqa_attention(self.model, self.device):
+            self._decode([r for r in rows if r.budget > 0], encoded, sampling, emit)
         bar.close()
         return out  # type: ignore[return-value]
 
@@ -160,13 +198,13 @@ class HFBackend:
                         r.done = True
                         emit(r.i, r.j, self._completion(r))
             batch.step += 1
+            live = [k for k, r in enumerate(batch.rows) if not r.done]
             if self._splice:
-                keep = [k for k, r in enumerate(batch.rows) if not r.done]
-                if not keep and not queue:
+                if not live and not queue:
                     break
-                if len(keep) < len(batch.rows):
-                    batch.select(keep)
-            elif all(r.done for r in batch.rows):   # a cache we cannot splice: whole batches only
+                if self._compact_now(len(live), len(batch.rows), bool(queue)):
+                    batch.select(live)
+            elif not live:                          # a cache we cannot splice: whole batches only
                 batch = None
                 continue
             if batch.rows:
@@ -174,10 +212,21 @@ class HFBackend:
                 batch.logits, batch.cache = self._forward(batch.token[:, None], batch.mask, batch.next_pos[:, None],
                                                           batch.cache)
                 batch.next_pos = batch.next_pos + 1
-            if self._splice and queue and len(batch.rows) < size:
+            if self._splice and queue and len(batch.rows) < size:     # only right after a compaction
                 newcomers = self._prefill([queue.popleft() for _ in range(min(size - len(batch.rows), len(queue)))],
                                           encoded)
                 batch = batch.join(newcomers) if batch.rows else newcomers
+
+    def _compact_now(self, live: int, rows: int, more_waiting: bool) -> bool:
+        """Whether to drop the finished rows now (and, with prompts waiting, refill their slots).
+
+        Every compaction copies the cache and every refill is one more forward (the prefill), so finished
+        rows are let go in groups: an eighth of the batch while prompts wait (slots idle a few steps at most),
+        half of the remaining rows in the tail (each step costs at most twice the live rows' share)."""
+        dead = rows - live
+        if more_waiting:
+            return dead >= max(1, self.cfg.batch_size // 8) or live == 0
+        return dead > 0 and 2 * live <= rows
 
     def _sample(self, batch: "_Batch", sp: Sampling) -> torch.Tensor:
         logits = batch.logits.float()
