@@ -468,7 +468,7 @@ class SliderQuant:
                     if expand is not None:
                         expand = expand.to(lins[0].weight.device)
                 holder[f.name] = nn.Parameter(torch.ones(width, device=lins[0].weight.device))
-                self._folds[f.name] = f
+                self._folds[(index, f.name)] = f         # per layer: hybrid stacks differ by layer
                 for lin in lins:
                     lin.set_alpha(holder, f.name, expand)
         layer.sliderquant_scales = holder          # moves with the layer; removed by _finalize
@@ -618,7 +618,7 @@ class SliderQuant:
         modules = dict(layer.named_modules())
         eff = {n: w.effective_weight() for n, w in wrapped.items()}
         for gname, alpha in holder.items():          # 1/alpha into the op before the group
-            f = self._folds[gname]
+            f = self._folds[(i, gname)]
             prev = modules[f.prev]
             rows = arch.fold_rows(f, prev, self._config)   # phi3: the v rows of qkv_proj, the up rows of gate_up
             a = alpha.detach().float()

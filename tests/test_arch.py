@@ -271,3 +271,16 @@ def test_w3_awq_beats_rtn_with_every_group_searched(model_type):
     assert not res.info["skipped"]                               # MHA here: every descriptor group applies
     if model_type in MOE:
         assert res.info["scales"]["model.layers.0.down"]["experts_searched"] == 4
+
+
+@pytest.mark.parametrize("model_type", ["phi3", "gemma2", "olmo3", "qwen3_5_text"])
+def test_sliderquant_folds_through_the_descriptors(model_type):
+    """Learned scales folded into fused rows (phi3), (1 + w) norms (Gemma), OLMo's linear pairs, hybrid layers."""
+    m0 = tiny_model(model_type, dtype=torch.float32, num_key_value_heads=4)
+    ids = tokens(6, 32)
+    ref = _logits(m0, ids)
+    m = copy.deepcopy(m0)
+    res, _ = _run(m, "sliderquant", ids, bits=8, epochs=2, lr_scale=5e-2, mode="slider")   # scales learned and folded
+    # correct folds: 0.006-0.03 here; Gemma's norm folded as w instead of (1 + w): 0.66
+    assert float((_logits(m, ids) - ref).norm() / ref.norm()) < 0.05
+    assert not res.info["skipped"]
