@@ -184,3 +184,22 @@ def test_samples_stream_to_the_store_and_a_crash_loses_only_rows_in_flight(rq, t
     assert len(killed) == 24 and len({key(r) for r in killed}) == 24
     assert sorted(killed, key=key) == sorted(ref, key=key)
     assert resumed["metrics"] == clean["metrics"] and 4 < n_before < 24
+
+
+def test_run_dir_is_readable_distinct_and_stable(tmp_path):
+    """Model, method, w/g, calibration, task stay readable; each non-default setting adds a short stable hash."""
+    r = f"results_dir={tmp_path}"
+    base = expected_run_dir("method=gptq", r)
+    damp = expected_run_dir("method=gptq", "method.damp=0.1", r)
+    assert base == tmp_path / "toy" / "gptq-w4g128" / "arith" / "seed0"
+    assert damp.parent.parent.name.startswith("gptq-w4g128-") and damp != base
+    assert damp == expected_run_dir("method.damp=0.1", "method=gptq", r)            # same config, same directory
+    assert expected_run_dir("method=gptq", "method.damp=0.01", r) == base           # the default, written out
+    hot = expected_run_dir("method=gptq", "sampling.temperature=0.7", r)
+    assert hot.parent.parent == base.parent.parent and hot.parent.name.startswith("arith-")
+    # A calibrating method names a non-default calibration set; a local model dir is named by its folder.
+    assert expected_run_dir("method=gptq", "calib=wikitext2", r).parent.parent.name == "gptq-w4g128-wikitext2"
+    local = expected_run_dir("model=hf", f"model.path={tmp_path / 'ckpt' / 'my-model'}", "method=fp", r)
+    assert local.relative_to(tmp_path).parts[0].startswith("my-model-") and local.parent.parent.name == "fp"
+    other = expected_run_dir("model=hf", f"model.path={tmp_path / 'other' / 'my-model'}", "method=fp", r)
+    assert other != local
