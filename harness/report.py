@@ -417,7 +417,9 @@ def pivot(cell_df: pd.DataFrame, value: str = "mean_std") -> pd.DataFrame:
 
 
 def _signed(v) -> str:
-    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:+.2f}"
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    return f"{0.0 if abs(v) < 0.005 else v:+.2f}"          # never "-0.00"
 
 
 def to_markdown(df: pd.DataFrame) -> str:
