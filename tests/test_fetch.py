@@ -29,18 +29,22 @@ def hub(monkeypatch):
 
 
 def test_a_preset_sweep_fetches_each_model_and_dataset_once(hub, capsys):
+    import re
     rc = fetch.main(["experiment=qrm"])
     out = capsys.readouterr()
-    assert "36 job(s) need 6 item(s)" in out.out     # QRM's AWQ calibrates on Pile, its GPTQ on NuminaMath-1.5
+    n = int(re.search(r"36 job\(s\) need (\d+) item\(s\)", out.out).group(1))
     # the model snapshot (weights + tokenizer) once for 36 jobs; each dataset once, from the loaders the runs use
     assert [c for c in hub if c[0] == "snapshot"] == [("snapshot", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", None)]
-    datasets_asked = {c[1] for c in hub if c[0] == "dataset"}
-    assert {"HuggingFaceH4/MATH-500", "Idavidrein/gpqa", "mit-han-lab/pile-val-backup", "AI-MO/NuminaMath-1.5"} \
-        <= datasets_asked
+    datasets_asked = [c[1] for c in hub if c[0] == "dataset"]
+    assert {"HuggingFaceH4/MATH-500", "Idavidrein/gpqa"} <= set(datasets_asked)
     assert any("aime" in d.lower() for d in datasets_asked)
-    assert ("dataset", "mit-han-lab/pile-val-backup", None, "validation") in hub
+    calibs = re.findall(r"FAILED  calib (\w+)", out.out)
+    assert calibs and n == 4 + len(calibs)          # model + 3 tasks + the preset's calibration sets
+    from harness.calib import HUB_DEFAULTS
+    for c in calibs:
+        assert HUB_DEFAULTS[c].dataset in datasets_asked
     # the stand-in refused every dataset: each is reported, the exit status says so
-    assert rc == 1 and "5 of 6 item(s) failed" in out.err and "ok      model deepseek-ai" in out.out
+    assert rc == 1 and f"{n - 1} of {n} item(s) failed" in out.err and "ok      model deepseek-ai" in out.out
 
 
 def test_comma_lists_and_base_models(hub, capsys):
