@@ -94,7 +94,10 @@ def _setting(key: str, value) -> str:
 def method_label(run) -> str:
     """`gptq[tag, reasoning, damp=0.1]`: the run tag, the calibration set and the checkpoint-level settings that
     differ from their defaults (harness.pipeline.run_settings)."""
-    settings = run.get("settings") or {}
+    # A method seed that follows the run seed (method.seed=${seed}) is the seed column's business: the runs of one
+    # configuration over seeds stay one row.
+    settings = {k: v for k, v in (run.get("settings") or {}).items()
+                if not (k.endswith(".seed") and v == run.get("seed"))}
     parts = [run.get("run_tag") or None, run.get("calib") if settings_has_calib(run) else None]
     parts += [_setting(k, v) for k, v in sorted(settings.items()) if not k.startswith(("task.", "sampling."))]
     parts = [p for p in parts if p]

@@ -221,6 +221,12 @@ def test_cli_edge_cases(tmp_path, capsys):
     assert "--baseline nope: no run of that method" in err
 
 
+def test_a_method_seed_that_follows_the_run_seed_keeps_one_row():
+    run = {"method": "reasoning_qat", "run_tag": "", "calib": None, "seed": 2, "settings": {"method.seed": 2}}
+    assert report.method_label(run) == "reasoning_qat"
+    assert report.method_label({**run, "settings": {"method.seed": 0}}) == "reasoning_qat[seed=0]"
+
+
 def test_weight_activation_runs_get_their_own_rows(tmp_path):
     """W4A4 and W4A16 of one method are different rows ("g128 a4" vs "g128"); older metrics without act_bits read as weight-only."""
     root = tmp_path / "results"
