@@ -29,8 +29,8 @@ from harness.store import stable_hash
 
 MODES = ("disabled", "offline", "online")
 TEXT_CAP = 20_000           # characters of a prompt/completion in the W&B table (the full text is in samples.jsonl)
-SAMPLE_COLUMNS = ["id", "sample", "seed", "prompt", "completion", "parsed", "gold", "correct", "n_tokens",
-                  "truncated", "finish_reason"]
+SAMPLE_COLUMNS = ["id", "sample", "seed", "prompt", "completion", "parsed", "gold", "correct", "parsed_strict",
+                  "correct_strict", "unfinished", "n_tokens", "truncated", "finish_reason"]
 
 _state = {"warned": False, "broken": False}
 

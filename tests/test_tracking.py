@@ -69,6 +69,9 @@ def test_offline_run_mirrors_config_metrics_and_samples(spy, tmp_path, capsys):
     assert table.columns == tracking.SAMPLE_COLUMNS and len(table.data) == 5
     local = [json.loads(x) for x in (run_dir(res) / "samples.jsonl").read_text().splitlines()]
     assert [row[4] for row in table.data] == [r["completion"] for r in local]
+    for key in ("correct", "correct_strict", "unfinished"):   # both verdicts reach W&B, not only the lighteval one
+        col = tracking.SAMPLE_COLUMNS.index(key)
+        assert [row[col] for row in table.data] == [r[key] for r in local]
     # The offline run is on disk under results_dir/.wandb, named by the stable id.
     assert list((res / ".wandb" / "wandb").glob(f"offline-run-*-{rid}/run-{rid}.wandb"))
     assert "warning" not in capsys.readouterr().err
