@@ -82,3 +82,17 @@ def run_inprocess(*overrides) -> dict:
 @pytest.fixture
 def rq():
     return run_inprocess
+
+
+@pytest.fixture(scope="module")
+def model_and_tok():
+    """The trained toy if it is built; otherwise a tiny random Qwen3 (only ever in memory)."""
+    from harness.toy.build import toy_path
+    from harness.toy.tokenizer import build_tokenizer
+    path = toy_path("toy")
+    if (path / "model.safetensors").exists():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    from harness.toy.train import new_model
+    tok = build_tokenizer()
+    return new_model(tok, seed=0).eval(), tok

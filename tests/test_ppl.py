@@ -10,19 +10,6 @@ from harness.types import UserError
 from tasks.ppl import PplConfig, PplTask
 
 
-@pytest.fixture(scope="module")
-def model_and_tok():
-    from harness.toy.build import toy_path
-    from harness.toy.tokenizer import build_tokenizer
-    path = toy_path("toy")
-    if (path / "model.safetensors").exists():
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
-    from harness.toy.train import new_model
-    tok = build_tokenizer()
-    return new_model(tok, seed=0).eval(), tok
-
-
 def _text(n=120, seed=1):
     rng = random.Random(seed)
     return [f"{a}+{b}={a + b}" for a, b in ((rng.randint(1, 99), rng.randint(1, 99)) for _ in range(n))]

@@ -40,6 +40,16 @@ class DataReport:
     loss_tokens: int = 0            # tokens with a label
     extra: dict = field(default_factory=dict)
 
+    def admit(self, examples: list, x: torch.Tensor, y: torch.Tensor, *, cut: bool = False) -> None:
+        """Count one document; keep it in `examples` when some label is left to train on."""
+        self.documents += 1
+        if bool((y[1:] != -100).any()):
+            self.kept += 1
+            self.cut += int(cut)
+            examples.append((x, y))
+        else:
+            self.dropped += 1
+
     @property
     def kept_fraction(self) -> float:
         return self.kept / self.documents if self.documents else 0.0
@@ -157,13 +167,7 @@ def split_documents(ids: torch.Tensor, marker: list[int], eos_id: Optional[int],
         y = x.clone()
         if mask_prompts:
             y[: a - start] = -100
-        report.documents += 1
-        if bool((y[1:] != -100).any()):
-            report.kept += 1
-            report.cut += int(not closed)
-            docs.append((x, y))
-        else:
-            report.dropped += 1
+        report.admit(docs, x, y, cut=not closed)
         start = b
     return docs
 
@@ -207,12 +211,7 @@ def examples_from_rows(ids: torch.Tensor, tokenizer, *, packing: bool = False, m
         report.how = "packed rows" + (", responses only" if chat and mask_prompts else "")
         examples = []
         for x, y in zip(ids, labels):
-            report.documents += 1
-            if bool((y[1:] != -100).any()):
-                report.kept += 1
-                examples.append((x, y))
-            else:
-                report.dropped += 1
+            report.admit(examples, x, y)
     return finish(examples, report, seq_len)
 
 
@@ -258,12 +257,7 @@ def trace_documents(prompts: list[str], tokenizer, generate: Optional[Callable],
         y = x.clone()
         if mask_prompts:
             y[:len(p_ids)] = -100
-        report.documents += 1
-        if bool((y[1:] != -100).any()):
-            report.kept += 1
-            examples.append((x, y))
-        else:
-            report.dropped += 1
+        report.admit(examples, x, y)
     return examples, report
 
 
