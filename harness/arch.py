@@ -18,6 +18,8 @@ Looked up by ``config.model_type``. A descriptor is data:
 - ``rotation``: residual-stream rotation support (QuaRot R1): norm → its readers, the writers, or None with the
   reason in ``refuse``.
 - ``refuse``: method (or feature) → why it cannot apply to this family; checked before the model loads.
+- ``attention``: the module of a decoder layer that calls transformers' attention interface with q, k, v (where
+  SliderQuant's W4A4 fake-quantizes them); a layer without it (hybrid linear attention) has none.
 
 GPTQ's true-sequential order is not a table: the runner derives it from one forward (linears fed by the same
 tensor form a stage, in execution order), which holds for every family here; expert tensors come after the
@@ -73,6 +75,7 @@ class Family:
     hybrid: bool = False
     rotation: Optional[Rotation] = None
     refuse: dict = field(default_factory=dict)
+    attention: str = "self_attn"
 
     @property
     def norm_offset(self) -> float:
@@ -227,6 +230,11 @@ def layer_folds(fam: Family, layer: nn.Module) -> list[Fold]:
                              f"{f.name!r} fold (harness/arch.py)")
         out.append(f)
     return out
+
+
+def attention_of(fam: Family, layer: nn.Module) -> Optional[str]:
+    """The layer's attention module (relative name), or None for a layer without one (linear attention)."""
+    return fam.attention if isinstance(resolve(layer, fam.attention), nn.Module) else None
 
 
 def fold_rows(fold: Fold, prev: Target, config) -> Optional[slice]:

@@ -39,8 +39,18 @@ quantized linear fake-quantizes its input per token (dynamic, asymmetric unless 
 window trains, after the 1/alpha scaling and with the same gamma column split as the weights. The result
 records the activation spec; the exported checkpoint carries it and the HF backend runs it (forward
 pre-hooks, `harness.quant.actquant`). vLLM cannot serve fake activation quantization: backend=vllm is
-refused and backend=auto picks hf. Unlike the authors' code, the attention matmuls (Q K^T, P V) stay in
-full precision: only linear inputs are quantized.
+refused and backend=auto picks hf.
+The attention matmuls' inputs are quantized too, as the authors' code does (``qkv_quant``, on by default):
+main.py sets q/k/v_quant_params = {n_bits: abits, symmetric: False, dynamic_method: per_token} and
+p_quant_params = {n_bits: 16} (a no-op in quantize/quantizer.py); models/int_llama_layer.py quantizes
+query_states and key_states after q_norm/k_norm and RoPE, keys and values after the cache update and repeat_kv,
+each (batch, head, token) vector of head_dim values on its own asymmetric min/max grid (whatever ``act_sym``
+says: the authors' q/k/v are asymmetric), with the stage's quant rate (``gamma``) like every other quantizer,
+off for the full-precision teacher. P = softmax(Q K^T) stays in full precision. Here the attention of every
+decoder layer that has quantized linears does this (through a transformers attention function,
+`harness.quant.actquant.install_attention`; linear-attention layers have no such matmuls), and the result and the
+checkpoint record it beside the linear-input spec. ``qkv_quant=false`` keeps only the linear inputs quantized
+(rqbench before this option).
 
 No lost work: after every trained window the learnable parameters of every layer visited so far are saved
 (`harness.quant.state.StateFile`, under cache_dir/sliderquant/train/, keyed by config, calibration tokens
@@ -69,6 +79,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from harness.quant import actquant
 from harness.quant.actquant import ActSpec, fake_quantize_tokens
 from harness.quant.context import MethodConfig, QuantContext
 from harness.quant.quantizer import QuantSpec, _grouped, fake_quantize_ste, qparams_from_range, quantize_weight
@@ -108,6 +119,8 @@ class SliderQuantConfig(MethodConfig):
     # --- weight-activation mode (W4A4): HF backend only
     act_bits: Optional[int] = None      # per-token dynamic activation fake-quant of every quantized linear's input; null: weight-only
     act_sym: bool = False               # the authors' activations are asymmetric
+    qkv_quant: bool = True              # with act_bits: also q, k, v of the attention matmuls (per head and token,
+                                        # asymmetric, after RoPE), as the authors' code; false: linear inputs only
     rotate: Optional[bool] = None       # offline residual rotation (QuaRot R1) before training; null: on iff act_bits
     # --- training
     epochs: Optional[int] = None        # total over the stages; null: 60 at 2 bits, else 20
@@ -158,6 +171,10 @@ def check_config(cfg: SliderQuantConfig) -> None:
               ("lr_scale", cfg.lr_scale >= 0, ">= 0"),
               ("lr_lowrank", cfg.lr_lowrank is None or cfg.lr_lowrank >= 0, "null or >= 0"),
               ("act_bits", cfg.act_bits is None or 2 <= cfg.act_bits <= 8, "null (weight-only) or 2..8"),
+              # false without act_bits would change nothing but the run's identity: refused, so that one
+              # computation has one configuration
+              ("qkv_quant", isinstance(cfg.qkv_quant, bool) and (cfg.qkv_quant or cfg.act_bits is not None),
+               "true, or false with act_bits set (weight-only runs quantize no activations)"),
               ("lr_clip", cfg.lr_clip >= 0, ">= 0"), ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
               ("offload", cfg.offload in ("auto", "cpu", "device"), "auto, cpu, device")]
     check_values("method", cfg, checks)
@@ -310,15 +327,20 @@ class _SliderLinear(nn.Module):
 
 
 @contextmanager
-def _teacher(wrappers: list[_SliderLinear]):
-    """The wrapped linears compute as the original full-precision ones inside the block."""
+def _teacher(wrappers: list[_SliderLinear], attention: list):
+    """The wrapped linears compute as the original full-precision ones inside the block, and the attention's
+    q, k, v (actquant.QKVQuant states) are not quantized."""
     for w in wrappers:
         w.fp = True
+    for a in attention:
+        a.active = False
     try:
         yield
     finally:
         for w in wrappers:
             w.fp = False
+        for a in attention:
+            a.active = True
 
 
 def _cast_layer(layer: nn.Module, dtype: torch.dtype, keep: set) -> torch.dtype:
@@ -366,6 +388,11 @@ class SliderQuant:
         """Set in weight-activation mode: the pipeline then refuses backends that cannot fake-quantize activations."""
         return None if self.cfg.act_bits is None else ActSpec(self.cfg.act_bits, self.cfg.act_sym)
 
+    @property
+    def qkv_spec(self) -> Optional[ActSpec]:
+        """The attention q/k/v spec: the authors' main.py q/k/v_quant_params (n_bits abits, symmetric False)."""
+        return ActSpec(self.cfg.act_bits, sym=False) if self.cfg.act_bits is not None and self.cfg.qkv_quant else None
+
     def schedule(self, n_layers: int) -> list[tuple[int, int]]:
         c = self.cfg
         if c.windows is not None:
@@ -398,6 +425,9 @@ class SliderQuant:
         self._stop_after, self._trained_here = stop_after, 0
         if eff.rotate:              # before the runner captures anything: calibration sees the rotated model
             rotate_model(model, seed=cfg.seed, device=ctx.device)
+        self._attn: dict[int, tuple[str, actquant.QKVQuant]] = {}       # layer -> (attention module, its q/k/v state)
+        if self.qkv_spec is not None:
+            actquant.route_attention(model)
         runner = LayerwiseRunner(model, ids, ctx.device, batch_tokens=cfg.batch_size * ids.shape[1],
                                  offload=cfg.offload, progress=ctx.progress, desc="sliderquant")
         n = len(runner.layers)
@@ -427,12 +457,19 @@ class SliderQuant:
                 for layer_wrappers in self._wrapped.values():
                     for w in layer_wrappers.values():
                         w.gamma = gamma
+                for _, state in self._attn.values():
+                    state.gamma = gamma
                 runner.run(lambda win: self._train_window(win, windows, spec, per_stage, stage, result), windows)
             self._fp_hidden = []
             self._finalize(runner, spec, result)
             result.info["skipped"] = dict(self._skipped)
             if self.act_spec is not None:
                 result.activations = {**self.act_spec.to_dict(), "targets": sorted(result.layers)}
+            if self.qkv_spec is not None:
+                for _, state in self._attn.values():        # the quantized model: every stage done
+                    state.gamma, state.active = 1.0, True
+                result.activations["attention"] = {**self.qkv_spec.to_dict(),
+                                                   "targets": sorted(name for name, _ in self._attn.values())}
             self._state.remove()
         finally:
             self._fp_hidden = []
@@ -474,6 +511,10 @@ class SliderQuant:
         layer.sliderquant_scales = holder          # moves with the layer; removed by _finalize
         for w in wrapped.values():
             w.gamma = self._gamma
+        rel = arch.attention_of(self.fam, layer) if self.qkv_spec is not None and wrapped else None
+        if rel is not None:
+            self._attn[index] = (f"{prefix}.{rel}",
+                                 actquant.quantize_qkv(layer.get_submodule(rel), self.qkv_spec, self._gamma))
         self._wrapped[index] = wrapped
         self._scales[index] = holder
         if index in self._saved_params:             # resuming: what this layer had learned so far
@@ -527,7 +568,8 @@ class SliderQuant:
         # Full-precision targets (fp inputs through the original layers) and the next window's fp inputs.
         targets, next_fp = [], []
         if depth:
-            with torch.no_grad(), _teacher(wrappers):
+            attention = [self._attn[i][1] for i in range(win.start, win.stop) if i in self._attn]
+            with torch.no_grad(), _teacher(wrappers, attention):
                 for b, (_, kws) in enumerate(win.batches()):
                     outs = run(self._fp_hidden[b].to(win.device).float(), kws[:depth], win.layers[:depth])
                     if not replay:

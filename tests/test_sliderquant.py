@@ -1,10 +1,12 @@
 """SliderQuant: the window schedule, training lowers each window's reconstruction error, folding is exact."""
+import contextlib
 import copy
 
 import pytest
 import torch
 
 from harness import registry
+from harness.quant.actquant import ActSpec
 from harness.quant.context import QuantContext
 from harness.quant.quantizer import QuantSpec, dequantize
 from harness.quant.runner import LayerwiseRunner, _check_windows
@@ -169,6 +171,13 @@ def test_w4a4_trains_with_quantized_activations_and_round_trips(tmp_path, toy_an
                                                      progress=False))
     assert res.info["rotated"] and res.activations["bits"] == 4 and not res.activations["sym"]
     assert sorted(res.activations["targets"]) == sorted(res.layers)
+    # q, k, v of every quantized layer's attention too (qkv_quant, the default), asymmetric 4-bit per token
+    attn = [f"model.layers.{i}.self_attn" for i in range(4)]
+    assert res.activations["attention"] == {"bits": 4, "sym": False, "strategy": "token", "dynamic": True,
+                                            "targets": attn}
+    assert actquant.installed_attention(m) == {n: actquant.ActSpec(4, False) for n in attn}
+    assert all(mod.rqbench_qkv_quant.gamma == 1.0 and mod.rqbench_qkv_quant.active
+               for mod in m.modules() if hasattr(mod, "rqbench_qkv_quant"))
     # rotation folded every norm into the linears that read it
     assert torch.equal(m.model.norm.weight, torch.ones_like(m.model.norm.weight))
     tok = build_tokenizer()
@@ -180,6 +189,7 @@ def test_w4a4_trains_with_quantized_activations_and_round_trips(tmp_path, toy_an
             in_memory = m(ids).logits
             reloaded_model = load_checkpoint(tmp_path / export, dtype=torch.float32)
             assert actquant.installed(reloaded_model) == actquant.ActSpec(4, False)
+            assert actquant.installed_attention(reloaded_model) == actquant.installed_attention(m)
             outs[export] = reloaded_model(ids).logits
         assert torch.equal(outs[export], in_memory)
     # the hooks matter: without them the same weights compute something else
@@ -187,7 +197,64 @@ def test_w4a4_trains_with_quantized_activations_and_round_trips(tmp_path, toy_an
         plain = copy.deepcopy(m)
         for mod in plain.modules():
             mod._forward_pre_hooks.clear()
-        assert not torch.allclose(plain(ids).logits, outs["fake"], atol=1e-3)
+        qkv_only = plain(ids).logits
+        assert not torch.allclose(qkv_only, outs["fake"], atol=1e-3)
+        for mod in plain.modules():         # and so do the q/k/v quantizers
+            if hasattr(mod, "rqbench_qkv_quant"):
+                mod.rqbench_qkv_quant.active = False
+        assert not torch.allclose(plain(ids).logits, qkv_only, atol=1e-3)
+
+
+def test_w4a4_qkv_quant_off_and_training_hooks(toy_and_ids, monkeypatch):
+    """qkv_quant=false: linear inputs only, the attention left as it was. On: the attention quantizers follow the
+    stage's gamma while windows train, and are off while the full-precision teacher runs."""
+    import methods.sliderquant as sq
+    from harness.quant import actquant
+    model, ids = toy_and_ids
+    base = dict(name="sliderquant", act_bits=4, windows="0-1,1-3,3", epochs=2, batch_size=2)
+    outs = {}
+    for qkv in (False, True):
+        cfg = SliderQuantConfig(**base, qkv_quant=qkv)
+        m = copy.deepcopy(model)
+        impl = m.config._attn_implementation
+        calls, teaching = [], []
+        real_fq, real_teacher = actquant.fake_quantize_tokens, sq._teacher
+
+        def spy(x, act, gamma=1.0):
+            calls.append((gamma, bool(teaching)))
+            return real_fq(x, act, gamma)
+
+        @contextlib.contextmanager
+        def teacher(*a):
+            with real_teacher(*a):
+                teaching.append(1)
+                try:
+                    yield
+                finally:
+                    teaching.pop()
+        monkeypatch.setattr(actquant, "fake_quantize_tokens", spy)      # the attention function's quantizer only
+        monkeypatch.setattr(sq, "_teacher", teacher)
+        res = SliderQuant(cfg).quantize(m, QuantContext(spec=QuantSpec(4, 32), method_cfg=cfg, calib=lambda: ids,
+                                                         progress=False))
+        monkeypatch.undo()
+        if qkv:
+            assert {g for g, _ in calls} == {0.5, 1.0} and not any(t for _, t in calls)
+            assert m.config._attn_implementation == f"rqbench_qkv+{impl}"
+        else:
+            assert not calls and "attention" not in res.activations and m.config._attn_implementation == impl
+            assert actquant.installed_attention(m) == {}
+        with torch.no_grad():
+            outs[qkv] = m(ids).logits
+    assert not torch.allclose(outs[False], outs[True], atol=1e-3)
+
+
+def test_qkv_quant_values_are_checked():
+    with pytest.raises(UserError, match=r"method.qkv_quant=False is not allowed; allowed: true, or false with act_bits"):
+        SliderQuant(SliderQuantConfig(name="sliderquant", qkv_quant=False))
+    with pytest.raises(UserError, match=r"method.qkv_quant='yes' is not allowed"):
+        SliderQuant(SliderQuantConfig(name="sliderquant", act_bits=4, qkv_quant="yes"))
+    assert SliderQuant(SliderQuantConfig(name="sliderquant")).qkv_spec is None
+    assert SliderQuant(SliderQuantConfig(name="sliderquant", act_bits=4, act_sym=True)).qkv_spec == ActSpec(4, False)
 
 
 @pytest.mark.parametrize("stop_after", [2, 4])          # mid stage 1; first window of stage 2
@@ -212,3 +279,15 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, toy_and_id
         r = resumed.layers[name]
         assert torch.equal(r.codes, q.codes) and torch.equal(r.scale, q.scale) and torch.equal(r.zero, q.zero), name
     assert not list((tmp_path / "b" / "sliderquant" / "train").glob("*.pt"))     # done: the state is removed
+
+
+def test_w4a4_hybrid_quantizes_qkv_of_full_attention_layers_only():
+    """Qwen3.5: layer 0 is linear attention (no q/k/v matmuls), layer 1 full attention."""
+    from tests.tiny_families import tiny_model, tokens
+    m = tiny_model("qwen3_5_text", dtype=torch.float32)
+    ids = tokens(4, 16)
+    cfg = SliderQuantConfig(name="sliderquant", act_bits=4, rotate=False, windows="0-1", epochs=1, batch_size=2)
+    res = SliderQuant(cfg).quantize(m, QuantContext(spec=QuantSpec(4, 32), method_cfg=cfg, calib=lambda: ids,
+                                                     progress=False))
+    assert res.activations["attention"]["targets"] == ["model.layers.1.self_attn"]
+    assert not hasattr(m.model.layers[0].linear_attn, "rqbench_qkv_quant")

@@ -27,6 +27,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from harness.backends import slots
+from harness.quant import actquant
 from harness.registry import register_backend
 from harness.seeding import gumbel_noise
 from harness.types import Completion, Sampling, UserError
@@ -54,18 +55,21 @@ AttentionMaskInterface.register(GQA_SDPA, sdpa_mask)
 
 @contextmanager
 def _cpu_gqa_attention(model, device: torch.device):
-    """On CPU, run a model that uses plain "sdpa" attention with `_sdpa_gqa` for the duration of a generate call."""
-    switch = device.type == "cpu" and getattr(model.config, "_attn_implementation", None) == "sdpa"
+    """On CPU, run a model that uses plain "sdpa" attention with `_sdpa_gqa` for the duration of a generate call
+    (behind the q/k/v fake-quant wrapper of a W4A4 model when it has one: harness.quant.actquant)."""
+    impl = getattr(model.config, "_attn_implementation", None)
+    target = actquant.swap_inner(impl, "sdpa", GQA_SDPA) if device.type == "cpu" else None
+    switch = target is not None
     if switch:
         try:
-            model.set_attn_implementation(GQA_SDPA)
+            model.set_attn_implementation(target)
         except Exception:               # a model that cannot switch keeps its own attention
             switch = False
     try:
         yield
     finally:
         if switch:
-            model.set_attn_implementation("sdpa")
+            model.set_attn_implementation(impl)
 
 
 @dataclass
