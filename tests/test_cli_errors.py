@@ -41,6 +41,9 @@ def run_in_process(*overrides) -> str:
     (["method=gptq", "+calib.n_sampels=8"], ["calib.n_sampels", "allowed keys of calib"]),
     (["method=gptq", "calib.n_samples=0"], ["calib.n_samples=0", ">= 1"]),
     (["method=gptq", "method.damp=-1"], ["method.damp"]),
+    (["method=sliderquant", "method.qkv_quant=maybe"], ["method.qkv_quant", "'maybe'", "not a valid bool"]),
+    (["method=sliderquant", "method.qkv_quant=false"],
+     ["method.qkv_quant=False is not allowed", "allowed: true, or false with act_bits set"]),
 ])
 def test_bad_input_is_a_clear_error(tmp_path, args, expect):
     err = run_in_process(*args, f"results_dir={tmp_path}")
