@@ -13,8 +13,10 @@ Looked up by ``config.model_type``. A descriptor is data:
   module (hybrid / mixed dense-MoE stacks); a layer that has it but lacks any other named module is an error,
   never a silent skip.
 - ``experts``: fused 3-D expert tensors [E, out, in] (transformers 5 MoE), quantized per expert slice as the
-  matrix [E·out, in] (groups run along `in`, so this *is* per-expert quantization). ``keep_fp``: linears that
-  are never quantized (routers, the shared-expert gate).
+  matrix [E·out, in] (groups run along `in`, so this *is* per-expert quantization). ``keep_fp``: modules that
+  are never quantized (routers, the shared-expert gate). The MoE router (`mlp.gate`) is a TopKRouter, not an
+  nn.Linear, in transformers 5, but vLLM builds it as a linear layer (GateLinear) that a compressed-tensors
+  "Linear" target would reach: the packed export lists every keep_fp module in the checkpoint's `ignore`.
 - ``rotation``: residual-stream rotation support (QuaRot R1): norm → its readers, the writers, or None with the
   reason in ``refuse``.
 - ``refuse``: method (or feature) → why it cannot apply to this family; checked before the model loads.
@@ -130,7 +132,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("olmo2/3", ("olmo2", "olmo3"), (_ATTN_FOLDS[1], _MLP_FOLDS[1]), post_norm=True,
            refuse={"rotate": _NO_ROTATION_POST}),
     Family("moe", ("qwen3_moe", "mixtral"), _ATTN_FOLDS + _MOE_FOLDS + _MLP_FOLDS, experts=_EXPERTS,
-           refuse=_MOE_REFUSE),
+           keep_fp=("mlp.gate",), refuse=_MOE_REFUSE),
     Family("qwen3.5 hybrid", ("qwen3_5_text", "qwen3_5"),
            (*_ATTN_FOLDS,
             Fold("qkv", "input_layernorm", ("linear_attn.in_proj_qkv", "linear_attn.in_proj_z",
@@ -150,7 +152,8 @@ FAMILIES: tuple[Family, ...] = (
             Fold("down", "mlp.shared_expert.up_proj", ("mlp.shared_expert.down_proj",), "mlp.shared_expert.down_proj",
                  when="mlp.shared_expert"),
             *_MLP_FOLDS),
-           norm="1+w", hybrid=True, experts=_EXPERTS, keep_fp=("mlp.shared_expert_gate",), refuse=_MOE_REFUSE),
+           norm="1+w", hybrid=True, experts=_EXPERTS, keep_fp=("mlp.gate", "mlp.shared_expert_gate"),
+           refuse=_MOE_REFUSE),
 )
 
 _BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
@@ -303,6 +306,21 @@ def selected_weights(model: nn.Module, include, exclude=(), *, root: Optional[nn
             if any(p.search(n) for p in inc) and not any(p.search(n) for p in exc)}
 
 
+def expert_tensors(model: nn.Module) -> list[str]:
+    """Full names of the model's fused 3-D expert tensors (quantized or not)."""
+    fam = lookup(model)
+    ends = tuple("." + e for e in (fam.experts if fam else ()))
+    return [n for n, p in model.named_parameters() if ends and n.endswith(ends) and p.dim() == 3]
+
+
+def kept_fp_modules(model: nn.Module) -> list[str]:
+    """Full names of the modules the family keeps in full precision (routers, the shared-expert gate)."""
+    fam = lookup(model)
+    ends = tuple("." + k for k in (fam.keep_fp if fam else ()))
+    return [n for n, m in model.named_modules() if ends and n.endswith(ends)
+            and isinstance(getattr(m, "weight", None), torch.Tensor)]
+
+
 def coverage(model: nn.Module, quantized: set, include, exclude=()) -> dict:
     """How much of the selected weights (by parameter count) a result quantized."""
     sel = selected_weights(model, include, exclude)
@@ -335,4 +353,4 @@ def check_coverage(model: nn.Module, quantized: set, include, exclude, label: st
 
 __all__ = ["Fold", "Family", "Rotation", "FAMILIES", "family_of", "lookup", "check_method", "layer_folds",
            "resolve", "fold_rows", "ExpertMatrix", "as_matrix", "selected_weights", "coverage", "check_coverage",
-           "supported_types"]
+           "supported_types", "expert_tensors", "kept_fp_modules"]

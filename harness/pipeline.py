@@ -96,11 +96,27 @@ def check_spec_before_loading(source: str, spec: RunSpec) -> None:
     weights = arch.selected_weights(skeleton, spec.method_cfg.include, spec.method_cfg.exclude)
     if not weights:
         raise UserError(f"method.include={spec.method_cfg.include!r} selects no Linear module of this model")
-    if spec.top.export == "packed" and any(isinstance(w, arch.ExpertMatrix) for w in weights.values()):
-        raise UserError(f"export=packed cannot hold the fused 3-D expert tensors of model_type {config.model_type!r} "
-                        f"(compressed-tensors pack-quantized describes nn.Linear weights only); allowed: export=fake")
+    if spec.top.export == "packed" and spec.backend_name == "vllm":
+        check_packed_experts(skeleton, weights, spec)
     for name, lin in weights.items():
         spec.spec.check_width(name, lin.in_features)
+
+
+def check_packed_experts(skeleton, weights: dict, spec: RunSpec) -> None:
+    """backend=vllm, export=packed, an MoE model: a layer selection vLLM's fused-MoE layers cannot serve, refused
+    before the model loads. Bits and symmetry are checked with the config (PACKED_BITS, the same grids for experts);
+    every quant.group_size allowed is one vLLM's MoE kernels take (harness/backends/vllm.py PACKED_MOE_GROUP_SIZES,
+    pinned by tests/test_moe_packed.py)."""
+    from harness import arch
+    experts = arch.expert_tensors(skeleton)
+    by_block: dict[str, set] = {}
+    for n in experts:
+        by_block.setdefault(n.rpartition(".")[0], set()).add(n in weights)
+    split = sorted(b for b, chosen in by_block.items() if len(chosen) > 1)
+    if split:
+        raise UserError(f"backend=vllm cannot serve export=packed with method.include/exclude quantizing only part of "
+                        f"{split[0]} (gate_up_proj vs down_proj): vLLM runs a layer's experts with one scheme; "
+                        f"allowed: select both expert tensors or neither, export=fake, or backend=hf")
 
 
 def pick_device(name: str) -> torch.device:

@@ -52,6 +52,19 @@ INSTALL_HINT = 'pip install -e ".[vllm]"'
 PACKED_BITS = {True: (4, 8), False: (4,)}      # sym -> bit widths vLLM's kernels take
 
 
+# Fused-MoE layers (Qwen3-MoE, Mixtral, Qwen3-Next experts) read the per-expert compressed-tensors linears through
+# CompressedTensorsWNA16MoEMethod (vllm 0.32 compressed_tensors_moe/compressed_tensors_moe_wna16.py). Its CUDA
+# backends take the same grids as PACKED_BITS (MarlinExperts / TritonWNA16Experts: kInt4Static, kInt4StaticAsym,
+# kInt8Static); Marlin takes group sizes -1, 32, 64, 128 (marlin_utils.check_moe_marlin_supports_config) and
+# Triton groups only. Other group sizes would fall to kernels not verified here, so they are refused. The gate, up
+# and down projections of one layer's experts must share one scheme, quantized or not (get_moe_method raises
+# "All MoE projections need to have same quantization scheme"). Static-group act-order (methods/gptq.py) writes no
+# g_idx and no actorder field: nothing for vLLM to refuse.
+PACKED_MOE_GROUP_SIZES = (-1, 32, 64, 128)
+# The per-expert checkpoint names of gate, up, down (transformers' reverse conversion; vLLM's ckpt_*_proj_name).
+EXPERT_PROJS = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+
+
 def packed_bits_text(sym: bool) -> str:
     return f"{' or '.join(map(str, PACKED_BITS[sym]))}-bit {'symmetric' if sym else 'asymmetric (zero-point)'}"
 # vLLM merges these projections into one matmul (QKVParallelLinear, MergedColumnParallelLinear): their
@@ -106,6 +119,7 @@ def packed_problems(model_path) -> list[str]:
             scheme_of[t] = gname
     for name in q.get("ignore", []):
         scheme_of[name] = None
+    problems += _expert_problems(model_path, q, scheme_of)
     named = {n.rpartition(".") for n in scheme_of if "." in n}
     for fused in FUSED:
         for prefix in sorted({p for p, _, leaf in named if leaf in fused}):
@@ -115,6 +129,34 @@ def packed_problems(model_path) -> list[str]:
                 how = ", ".join(f"{k}: {v or 'not quantized'}" for k, v in got.items())
                 problems.append(f"{prefix}.{{{','.join(fused)}}} are quantized differently ({how}); "
                                 f"vLLM runs them as one fused matmul")
+    return problems
+
+
+def _expert_problems(model_path, q: dict, scheme_of: dict) -> list[str]:
+    """What vLLM's fused-MoE loader refuses in a packed checkpoint of an MoE model."""
+    import re
+    from harness import arch
+    model_type = json.loads((Path(model_path) / "config.json").read_text()).get("model_type")
+    fam = arch.lookup(SimpleNamespace(model_type=model_type))
+    if fam is None or not fam.experts:
+        return []
+    problems = []
+    for gname, g in (q.get("config_groups") or {}).items():
+        if "Linear" in g.get("targets", []) or any(".experts." in t for t in g.get("targets", [])):
+            gs = (g.get("weights") or {}).get("group_size") or -1
+            if gs not in PACKED_MOE_GROUP_SIZES:
+                problems.append(f"{gname} packs the MoE experts in groups of {gs} (vLLM's fused-MoE kernels take "
+                                f"quant.group_size {', '.join(map(str, PACKED_MOE_GROUP_SIZES))})")
+    ignored: dict[str, set] = {}
+    for name in q.get("ignore", []):
+        m = re.match(r"^(.*\.experts)\.\d+\.([^.]+)$", name)
+        if m:
+            ignored.setdefault(m.group(1), set()).add(m.group(2))
+    for prefix, leaves in sorted(ignored.items()):
+        projs = next((p for p in EXPERT_PROJS if leaves <= set(p)), None)
+        if projs is not None and leaves != set(projs):
+            problems.append(f"{prefix}: {', '.join(sorted(set(projs) - leaves))} quantized but "
+                            f"{', '.join(sorted(leaves))} not; vLLM runs a layer's experts with one scheme")
     return problems
 
 

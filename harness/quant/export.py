@@ -12,6 +12,13 @@ function `decode_weight`, so they hold bit-identical weights:
   compressed-tensors stores *signed* codes: code_ct = code - 2^(bits-1) and zero_ct = zero - 2^(bits-1);
   symmetric grids have zero = 2^(bits-1), i.e. zero_ct = 0, and store no zero point. vLLM serves 4/8-bit
   checkpoints of this format with its WNA16 (Marlin) kernels.
+- packed MoE: a fused expert tensor is written as the per-expert linears transformers' save_pretrained writes
+  for the full-precision model (`mlp.experts.<e>.gate_proj` ..., Mixtral `block_sparse_moe.experts.<e>.w1` ...;
+  see harness/quant/ckpt_layout.py), each with the four tensors above cut from the tensor's codes and grid
+  (per expert rows: groups run along `in`, so nothing crosses an expert). Those are the names vLLM's fused-MoE
+  loader maps into its w13_/w2_ parameters, and with the "Linear" target vLLM's compressed-tensors config also
+  reaches its RoutedExperts layers (CompressedTensorsWNA16MoEMethod). Every name in the config (targets, ignore)
+  is a checkpoint name; routers and the other keep_fp modules of the family (harness/arch.py) are in `ignore`.
 
 config.json records how the checkpoint was made under the key "rqbench" (method, spec, calibration,
 rqbench version, ...) — whatever `provenance` the caller passes.
@@ -22,19 +29,21 @@ int, dynamic, per token); saving and loading install the per-token fake-quant ho
 (`harness.quant.actquant`), so the in-memory and the reloaded model compute the same thing.
 
 `load_checkpoint` reads either kind back as a plain dense model; for packed checkpoints it runs
-compressed-tensors' own decompression (PackedQuantizationCompressor.decompress) module by module.
+compressed-tensors' own decompression (PackedQuantizationCompressor.decompress) module by module, and for
+per-expert packed linears the same decompression, written back into the fused expert tensors.
 """
 from __future__ import annotations
 
 import json
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from harness.quant import actquant
+from harness.quant import actquant, ckpt_layout
 from harness.types import QuantizedLinear, QuantResult, UserError
 
 EXPORTS = ("fake", "packed")
@@ -106,20 +115,29 @@ def packed_tensors(q: QuantizedLinear, dtype: torch.dtype) -> dict[str, torch.Te
     return out
 
 
-def quantization_config(model: nn.Module, layers: dict[str, QuantizedLinear], activations: dict | None = None) -> dict:
+def quantization_config(model: nn.Module, layers: dict[str, QuantizedLinear], activations: dict | None = None,
+                        layout: ckpt_layout.Layout | None = None) -> dict:
     """compressed-tensors `quantization_config` for config.json (what vLLM reads).
 
     One spec for all layers: targets ["Linear"] and every other Linear in `ignore` (llm-compressor's
-    convention, which vLLM matches against its fused qkv/gate_up layers). Several specs: one config
-    group per spec, targeting exact module names.
+    convention, which vLLM matches against its fused qkv/gate_up layers and its fused-MoE layers), with the
+    family's routers (keep_fp) and the experts of any fused tensor left unquantized. Several specs: one config
+    group per spec, targeting exact module names. Names are the checkpoint's (`layout`, default: the model's).
     """
     import compressed_tensors
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+    from harness import arch
+    if layout is None:
+        layout = _layout(model)
+
+    def ckpt(name: str) -> list[str]:
+        return list(layout.experts[name]) if name in layout.experts else [layout.names.get(name, name)]
     by_spec: dict[tuple, list[str]] = defaultdict(list)
     for name, q in layers.items():
-        by_spec[tuple(sorted(ct_scheme_args(q).items()))].append(name)
-    all_linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    ignore = [n for n in all_linears if n not in layers]
+        by_spec[tuple(sorted(ct_scheme_args(q).items()))].extend(ckpt(name))
+    kept = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)] + arch.kept_fp_modules(model)
+    ignore = [c for n in dict.fromkeys(kept) if n not in layers for c in ckpt(n)]
+    ignore += [c for n in layout.experts if n not in layers for c in ckpt(n)]
     inputs = None
     if activations:
         if set(activations["targets"]) != set(layers):
@@ -136,6 +154,18 @@ def quantization_config(model: nn.Module, layers: dict[str, QuantizedLinear], ac
     data = cfg.model_dump(exclude=["quant_method"])
     return {"version": compressed_tensors.__version__, "quant_method": "compressed-tensors",
             "sparsity_config": {}, "transform_config": {}, **data}
+
+
+def _layout(model: nn.Module) -> ckpt_layout.Layout:
+    from harness import arch
+    named = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)] + arch.kept_fp_modules(model)
+    return ckpt_layout.layout(model, dict.fromkeys(named), arch.expert_tensors(model))
+
+
+def _rows(q: QuantizedLinear, rows: slice) -> QuantizedLinear:
+    """One expert's linear out of a fused tensor's codes: its rows, with their own scales and zero points."""
+    return QuantizedLinear(codes=q.codes[rows], scale=q.scale[rows], zero=q.zero[rows], bits=q.bits,
+                           group_size=q.group_size, sym=q.sym)
 
 
 # ------------------------------------------------------------------ save
@@ -156,10 +186,6 @@ def save_checkpoint(model: nn.Module, tokenizer, result: QuantResult, out_dir, e
         raise UserError(f"export={export!r} is not allowed; allowed: {', '.join(EXPORTS)}")
     out = Path(out_dir)
     modules = dict(model.named_modules())
-    experts = [n for n in result.layers if not isinstance(modules.get(n), nn.Linear)]
-    if export == "packed" and experts:
-        raise UserError(f"export=packed cannot hold fused 3-D MoE expert tensors ({experts[0]}): compressed-tensors "
-                        f"pack-quantized describes nn.Linear weights only; allowed here: export=fake")
     out.mkdir(parents=True, exist_ok=True)
     for name, q in result.layers.items():
         w = _weight_matrix(model, modules, name)
@@ -168,23 +194,33 @@ def save_checkpoint(model: nn.Module, tokenizer, result: QuantResult, out_dir, e
     if result.activations:
         actquant.install_recorded(model, result.activations)
 
-    state_dict = None
+    state_dict, layout = None, None
     if export == "packed" and result.layers:
-        state_dict = {}
-        for key, t in model.state_dict().items():
-            state_dict[key] = t
+        layout = _layout(model)
+        state_dict = dict(model.state_dict())
+        experts = {}
         for name, q in result.layers.items():
-            dtype = modules[name].weight.dtype
+            if name in layout.experts:                  # written per expert, under checkpoint names, below
+                del state_dict[name]
+                experts[name] = model.get_parameter(name).dtype
+                continue
             del state_dict[f"{name}.weight"]
-            for local, t in packed_tensors(q, dtype).items():
+            for local, t in packed_tensors(q, modules[name].weight.dtype).items():
                 state_dict[f"{name}.{local}"] = t
-    model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+        state_dict = ckpt_layout.revert(model, state_dict)     # the names save_pretrained would write
+        for name, dtype in experts.items():
+            q = result.layers[name]
+            for module, rows in layout.experts[name].items():
+                for local, t in packed_tensors(_rows(q, rows), dtype).items():
+                    state_dict[f"{module}.{local}"] = t
+    # packed: state_dict already has the checkpoint's names (reverting twice would rename twice)
+    model.save_pretrained(out, state_dict=state_dict, safe_serialization=True, save_original_format=state_dict is None)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
 
     config = json.loads((out / "config.json").read_text())
     if export == "packed" and result.layers:
-        config["quantization_config"] = quantization_config(model, result.layers, result.activations)
+        config["quantization_config"] = quantization_config(model, result.layers, result.activations, layout)
     config[PROVENANCE_KEY] = _jsonable({"export": export, **(provenance or {}),
                                         "quantized_layers": len(result.layers),
                                         "input_activations": result.activations})
@@ -234,12 +270,44 @@ def _load_packed(path: Path, qcfg: dict, kwargs: dict) -> nn.Module:
     # decompress the weights only (with input_activations set it sets up its own activation quantizers).
     config.quantization_config = {**qcfg, "config_groups": {
         k: {**g, "input_activations": None} for k, g in qcfg["config_groups"].items()}}
+    files = ckpt_layout.checkpoint_files(path)
+    moe = ckpt_layout.has_expert_keys(files)
+    if moe:     # per-expert linears go around transformers' expert converter (ckpt_layout.fill_experts)
+        kwargs = {**kwargs, "key_mapping": {ckpt_layout.EXPERT_KEY: f".{ckpt_layout.SET_ASIDE}.\\1"},
+                  "output_loading_info": True}
     with warnings.catch_warnings():     # "the config's quantization_config will be used" — yes, with dequantize=True
         warnings.filterwarnings("ignore", message=".*already has a `quantization_config`.*")
-        model = AutoModelForCausalLM.from_pretrained(path, config=config,
-                                                     quantization_config=CompressedTensorsConfig(dequantize=True), **kwargs)
+        with _quiet_load_report(moe):
+            model = AutoModelForCausalLM.from_pretrained(path, config=config,
+                                                         quantization_config=CompressedTensorsConfig(dequantize=True), **kwargs)
+    if moe:
+        model, info = model
+        # the conversions it recorded include the set-aside renaming: a later save must use the default mapping
+        model.__dict__.pop("_weight_conversions", None)
+        filled = set(ckpt_layout.fill_experts(model, files, qcfg))
+        missing = set(info["missing_keys"]) - filled
+        unexpected = [k for k in info["unexpected_keys"] if ckpt_layout.SET_ASIDE not in k]
+        if missing or unexpected:
+            raise UserError(f"{path}: the checkpoint does not match {type(model).__name__}: missing "
+                            f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
     _strip_compressed_tensors(model)
     return model
+
+
+@contextmanager
+def _quiet_load_report(quiet: bool):
+    """transformers prints every set-aside expert key as UNEXPECTED and the fused tensors as MISSING; both are
+    checked here instead."""
+    from transformers.utils import logging as hf_logging
+    if not quiet:
+        yield
+        return
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 _CT_PARAMS = ("weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx", "weight_global_scale")
