@@ -245,3 +245,20 @@ def test_vllm_receives_the_packed_moe_checkpoint(fake_vllm, moe_dir, tmp_path):
                                         r"\(gate_up_proj vs down_proj\).*export=fake"):
         _run(*args, r"method.exclude=[experts\.down_proj$]", f"cache_dir={tmp_path / 'c2'}")
     assert not (tmp_path / "c2").exists() or not any((tmp_path / "c2").rglob("*.safetensors"))
+
+
+def test_gptq_experts_with_act_order_pack_and_load_back(tmp_path):
+    # act_order with static groups keeps every group contiguous: no g_idx, nothing vLLM's MoE kernels refuse
+    cls = registry.get("method", "gptq")
+    cfg = cls.Config(name="gptq", act_order=True)
+    m = tiny_model("qwen3_moe", dtype=torch.float32)
+    ids = tokens(8, 32)
+    res = cls(cfg).quantize(m, QuantContext(spec=QuantSpec(4, 32, True), method_cfg=cfg, calib=lambda: ids,
+                                            progress=False))
+    save_checkpoint(m, None, res, tmp_path / "packed", "packed")
+    packed = load_checkpoint(tmp_path / "packed")
+    for name in arch.expert_tensors(m):
+        assert torch.equal(packed.get_parameter(name), m.get_parameter(name)), name
+    q = json.loads((tmp_path / "packed" / "config.json").read_text())["quantization_config"]
+    assert q["config_groups"]["group_0"]["weights"].get("actorder") is None
+    assert not any(k.endswith("g_idx") for k in load_file(tmp_path / "packed" / "model.safetensors"))
