@@ -114,9 +114,10 @@ def check_packed_experts(skeleton, weights: dict, spec: RunSpec) -> None:
         by_block.setdefault(n.rpartition(".")[0], set()).add(n in weights)
     split = sorted(b for b, chosen in by_block.items() if len(chosen) > 1)
     if split:
-        raise UserError(f"backend=vllm cannot serve export=packed with method.include/exclude quantizing only part of "
-                        f"{split[0]} (gate_up_proj vs down_proj): vLLM runs a layer's experts with one scheme; "
-                        f"allowed: select both expert tensors or neither, export=fake, or backend=hf")
+        raise UserError(f"backend=vllm cannot serve export=packed with method.include={list(spec.method_cfg.include)!r} "
+                        f"method.exclude={list(spec.method_cfg.exclude)!r}: they quantize only part of {split[0]} "
+                        f"(gate_up_proj vs down_proj), and vLLM runs a layer's experts with one scheme; allowed: a "
+                        f"selection with both expert tensors or neither, export=fake, or backend=hf")
 
 
 def pick_device(name: str) -> torch.device:

@@ -241,7 +241,8 @@ def test_vllm_receives_the_packed_moe_checkpoint(fake_vllm, moe_dir, tmp_path):
     assert "model.layers.1.mlp.experts.3.down_proj.weight_packed" in t and not any("gate_up_proj" in k for k in t)
     assert result["checkpoint"]["coverage"]["fraction_selected"] == 1.0
     # half the experts' projections quantized: refused before the model loads, nothing built
-    with pytest.raises(UserError, match=r"backend=vllm cannot serve export=packed .*model\.layers\.0\.mlp\.experts "
+    with pytest.raises(UserError, match=r"backend=vllm cannot serve export=packed with .*method\.exclude=\['experts"
+                                        r"\\\\.down_proj\$'\]: .*model\.layers\.0\.mlp\.experts "
                                         r"\(gate_up_proj vs down_proj\).*export=fake"):
         _run(*args, r"method.exclude=[experts\.down_proj$]", f"cache_dir={tmp_path / 'c2'}")
     assert not (tmp_path / "c2").exists() or not any((tmp_path / "c2").rglob("*.safetensors"))
