@@ -291,3 +291,22 @@ def test_w4a4_hybrid_quantizes_qkv_of_full_attention_layers_only():
                                                      progress=False))
     assert res.activations["attention"]["targets"] == ["model.layers.1.self_attn"]
     assert not hasattr(m.model.layers[0].linear_attn, "rqbench_qkv_quant")
+
+
+def test_qkv_quant_run_identity():
+    """One computation, one run directory: qkv_quant=true is the default (no hash of its own, weight-only or W4A4);
+    qkv_quant=false (linear inputs only) gets its own."""
+    from hydra import compose, initialize_config_dir
+    from harness.cli import CONF_DIR
+    from harness.config import validate
+    from harness.pipeline import run_dir, run_settings
+    dirs, settings = {}, {}
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        for key, over in {"w4": [], "w4 qkv": ["method.qkv_quant=true"], "w4a4": ["method.act_bits=4"],
+                          "w4a4 qkv": ["method.act_bits=4", "method.qkv_quant=true"],
+                          "w4a4 linear": ["method.act_bits=4", "method.qkv_quant=false"]}.items():
+            spec = validate(compose(config_name="config", overrides=["method=sliderquant", "results_dir=/r", *over]))
+            dirs[key], settings[key] = run_dir(spec), run_settings(spec)[0]
+    assert dirs["w4"] == dirs["w4 qkv"] and dirs["w4a4"] == dirs["w4a4 qkv"]
+    assert len({dirs["w4"], dirs["w4a4"], dirs["w4a4 linear"]}) == 3
+    assert settings["w4a4 linear"] == {"method.act_bits": 4, "method.qkv_quant": False}

@@ -26,7 +26,10 @@ rqbench version, ...) — whatever `provenance` the caller passes.
 Weight-activation results (QuantResult.activations, e.g. SliderQuant W4A4) are recorded under
 "rqbench.input_activations" in both kinds (packed ones also as compressed-tensors `input_activations`:
 int, dynamic, per token); saving and loading install the per-token fake-quant hooks
-(`harness.quant.actquant`), so the in-memory and the reloaded model compute the same thing.
+(`harness.quant.actquant`), so the in-memory and the reloaded model compute the same thing. The record's
+"attention" entry (q/k/v of the attention matmuls, SliderQuant's qkv_quant) is written under "rqbench" only (not
+into compressed-tensors' quantization_config); loading re-installs it like the linear inputs (a record without
+it: linear inputs only).
 
 `load_checkpoint` reads either kind back as a plain dense model; for packed checkpoints it runs
 compressed-tensors' own decompression (PackedQuantizationCompressor.decompress) module by module, and for
