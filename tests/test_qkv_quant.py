@@ -76,11 +76,12 @@ def test_attention_matches_the_authors_formula(model_type, inner, gamma):
     states["model.layers.1.self_attn"].gamma = gamma
     assert model.config._attn_implementation == f"rqbench_qkv+{inner}"
     ids = tokens()
-    for i, bits in ((1, 4), (0, 0)):            # layer 0 carries no spec: untouched
+    # with a cache k, v are quantized on their way into it, without one inside the attention function
+    for i, bits, cache in ((1, 4, True), (1, 4, False), (0, 0, True)):      # layer 0 carries no spec: untouched
         attn = model.model.layers[i].self_attn
         seen, hooks = _capture(attn)
         with torch.no_grad():
-            model(ids)
+            model(ids, use_cache=cache)
             ref, p = _ref_attention(attn, seen["h"], *seen["pe"], bits, gamma)
         for hk in hooks:
             hk.remove()
@@ -150,6 +151,21 @@ def test_cached_greedy_decoding_equals_full_recompute():
         if getattr(m, actquant.ATTN_ATTR, None) is not None:
             m.rqbench_qkv_quant.active = False
     assert [recompute(p) for p in prompts] != ref
+
+
+def test_keys_and_values_enter_the_cache_quantized_once():
+    model = tiny_model("qwen3")
+    model.set_attn_implementation("sdpa")
+    ids = tokens()
+    with torch.no_grad():
+        plain = model(ids, use_cache=True).past_key_values
+        states = actquant.install_attention(model, ["model.layers.1.self_attn"], ActSpec(4))
+        cached = model(ids, use_cache=True).past_key_values
+    for kind in ("keys", "values"):
+        p, c = getattr(plain.layers[1], kind), getattr(cached.layers[1], kind)
+        assert torch.equal(c, actquant.fake_quantize_tokens(p, ActSpec(4)))
+        assert torch.equal(getattr(cached.layers[0], kind), getattr(plain.layers[0], kind))     # layer 0: no spec
+    assert "update" not in vars(cached) and not states["model.layers.1.self_attn"].kv_cached     # hook undone
 
 
 def test_only_full_attention_layers_of_a_hybrid_model():

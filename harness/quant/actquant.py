@@ -22,8 +22,10 @@ quantized, linear-attention layers, which never call the attention interface) is
 attention implementation is switched to `rqbench_qkv+<inner>` (`route_attention`): a transformers
 AttentionInterface function that quantizes q, k, v and delegates to the implementation the model had (sdpa,
 eager — the model file's own eager function —, the HF backend's GQA sdpa, ...), with the inner one's mask.
-Per-token quantization acts on each vector alone, so it commutes with repeat_kv and gives cached keys/values
-the same values they would have had if quantized before caching. P (the softmax output) is not quantized: the
+Per-token quantization acts on each vector alone, so it commutes with repeat_kv, and keys/values may as well be
+quantized on their way into a cache: with a cache (decoding) they are, once each (a pre-hook wraps the cache's
+`update` for the module's forward), and the attention function quantizes q only; without one (training, a full
+recompute) it quantizes all three — the same values either way. P (the softmax output) is not quantized: the
 authors set p_quant_params n_bits=16, which their quantizer returns unchanged (quantize/quantizer.py forward).
 """
 from __future__ import annotations
@@ -113,6 +115,7 @@ class QKVQuant:
     act: ActSpec
     gamma: float = 1.0
     active: bool = True
+    kv_cached: bool = False     # inside a forward: k and v went into the cache quantized (set by the cache update)
 
 
 def _attention_functions():
@@ -136,7 +139,9 @@ def _qkv_attention(inner: str):
     def attention(module, query, key, value, attention_mask, **kwargs):
         q = getattr(module, ATTN_ATTR, None)
         if q is not None and q.active:
-            query, key, value = (fake_quantize_tokens(t, q.act, q.gamma) for t in (query, key, value))
+            query = fake_quantize_tokens(query, q.act, q.gamma)
+            if not q.kv_cached:
+                key, value = (fake_quantize_tokens(t, q.act, q.gamma) for t in (key, value))
         return _inner_function(module, inner)(module, query, key, value, attention_mask, **kwargs)
     attention.__qualname__ = f"qkv_attention[{inner}]"
     return attention
@@ -175,6 +180,45 @@ def route_attention(model: nn.Module) -> None:
         model.set_attn_implementation(wrapped_attention(impl))
 
 
+_CACHE_PATCH = "_rqbench_qkv_cache"      # (cache, whether it had an instance-level update) during one forward
+
+
+def _into_cache(module: nn.Module, _args, kwargs):
+    """Keys and values are quantized as the cache takes them: every cached position once, not at every step."""
+    q = getattr(module, ATTN_ATTR, None)
+    if q is None:
+        return
+    q.kv_cached = False
+    cache = kwargs.get("past_key_values")
+    if not q.active or cache is None or not callable(getattr(cache, "update", None)):
+        return
+    update = cache.update
+
+    def quantized_update(key_states, value_states, *a, **kw):
+        q.kv_cached = True
+        return update(fake_quantize_tokens(key_states, q.act, q.gamma),
+                      fake_quantize_tokens(value_states, q.act, q.gamma), *a, **kw)
+    own = "update" in getattr(cache, "__dict__", {})
+    try:
+        cache.update = quantized_update
+    except AttributeError:          # a cache that takes no attribute: the attention function quantizes k, v itself
+        return
+    setattr(module, _CACHE_PATCH, (cache, own, update))
+
+
+def _out_of_cache(module: nn.Module, _args, _kwargs, _output):
+    q = getattr(module, ATTN_ATTR, None)
+    if q is not None:
+        q.kv_cached = False
+    patch = module.__dict__.pop(_CACHE_PATCH, None)
+    if patch is not None:
+        cache, own, update = patch
+        if own:
+            cache.update = update
+        else:
+            del cache.update
+
+
 def quantize_qkv(module: nn.Module, act: ActSpec, gamma: float = 1.0) -> QKVQuant:
     """Attach a (fresh) QKVQuant to one attention module of a model already routed (`route_attention`)."""
     impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
@@ -183,6 +227,9 @@ def quantize_qkv(module: nn.Module, act: ActSpec, gamma: float = 1.0) -> QKVQuan
     if not impl.startswith(ATTN_PREFIX):
         raise ValueError(f"{type(module).__name__}: attention implementation {impl!r} is not routed through the q/k/v "
                          f"fake-quant (route_attention first; a model that cannot switch its attention cannot have it)")
+    if getattr(module, ATTN_ATTR, None) is None:
+        module.register_forward_pre_hook(_into_cache, with_kwargs=True)
+        module.register_forward_hook(_out_of_cache, with_kwargs=True, always_call=True)
     state = QKVQuant(act, gamma=gamma)
     setattr(module, ATTN_ATTR, state)
     return state
