@@ -42,6 +42,7 @@ ABLATIONS = {
     "previous-w4a16": ["method.mode=slider", "method.lr_lowrank=1e-4", "method.lora_alpha=4"],   # rqbench's earlier W3/W4A16 default
     "no-scales": ["method.scales=false"],
     "no-rotation": ["method.rotate=false"],         # W4A4's default rotates
+    "linear-acts-only": ["method.qkv_quant=false"],     # W4A4 without the attention's q/k/v quantization (rqbench before)
     "untrained (epochs=0)": ["method.epochs=0"],    # the starting point: (rotation +) RTN on the clip-init grid
 }
 
