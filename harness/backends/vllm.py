@@ -31,6 +31,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,7 +135,6 @@ def packed_problems(model_path) -> list[str]:
 
 def _expert_problems(model_path, q: dict, scheme_of: dict) -> list[str]:
     """What vLLM's fused-MoE loader refuses in a packed checkpoint of an MoE model."""
-    import re
     from harness import arch
     model_type = json.loads((Path(model_path) / "config.json").read_text()).get("model_type")
     fam = arch.lookup(SimpleNamespace(model_type=model_type))

@@ -16,8 +16,9 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+
+from harness.bench import PeakRSS
 
 
 def _child(spec: dict) -> None:
@@ -39,30 +40,15 @@ def _child(spec: dict) -> None:
     ctx = QuantContext(spec=QuantSpec(bits=4, group_size=128), method_cfg=GPTQConfig(name="gptq"),
                        calib=lambda: ids, progress=False)
 
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    base = rss()
-    peak = [base]
-    done = threading.Event()
-
-    def sample():
-        while not done.wait(0.005):
-            peak[0] = max(peak[0], rss())
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as d:
+    with PeakRSS() as mem, tempfile.TemporaryDirectory() as d:
         with spill_layers(None if spec["keep_codes"] else os.path.join(d, "spill")):
             result = GPTQ(GPTQConfig(name="gptq")).quantize(model, ctx)
         quantized = sum(q.codes.numel() for q in result.layers.values()) if spec["keep_codes"] else \
             sum(result.layers.numel(n) for n in result.layers)
         save_checkpoint(model, None, result, os.path.join(d, "out"), "fake")
-        done.set()
-        t.join()
-        peak[0] = max(peak[0], rss())
-    print(json.dumps({"layers": spec["layers"], "keep_codes": spec["keep_codes"], "model_mb": base / 2**20,
-                      "peak_above_model_mb": (peak[0] - base) / 2**20, "codes_mb": quantized / 2**20,
+    print(json.dumps({"layers": spec["layers"], "keep_codes": spec["keep_codes"], "model_mb": mem.base / 2**20,
+                      "peak_above_model_mb": mem.above_mb, "codes_mb": quantized / 2**20,
                       "seconds": time.perf_counter() - t0}))
 
 

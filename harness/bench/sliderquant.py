@@ -26,10 +26,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+
+from harness.bench import PeakRSS
 
 ABLATIONS = {
     "sliderquant": [],
@@ -131,26 +132,11 @@ def _child(spec: dict) -> None:
                              gamma=1.0, epochs=1, batch_size=1)
     ctx = QuantContext(spec=QuantSpec(bits=2, group_size=128), method_cfg=mcfg, calib=lambda: ids, progress=False)
 
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    base = rss()
-    peak = [base]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], rss())
-            time.sleep(0.005)
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    t0 = time.time()
-    SliderQuant(mcfg).quantize(model, ctx)
-    wall = time.time() - t0
-    done.set()
-    t.join()
-    peak[0] = max(peak[0], rss())
-    print(json.dumps({"model_mb": base / 2 ** 20, "peak_above_mb": (peak[0] - base) / 2 ** 20, "seconds": wall}))
+    with PeakRSS() as mem:
+        t0 = time.time()
+        SliderQuant(mcfg).quantize(model, ctx)
+        wall = time.time() - t0
+    print(json.dumps({"model_mb": mem.base / 2 ** 20, "peak_above_mb": mem.above_mb, "seconds": wall}))
 
 
 def memory(args) -> dict:

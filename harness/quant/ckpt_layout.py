@@ -17,6 +17,7 @@ experts exactly as transformers does for the full-precision model, for any famil
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import torch
@@ -52,12 +53,13 @@ def layout(model: nn.Module, modules, expert_tensors) -> Layout:
         start += e * out
     back = revert(model, probe)
 
+    starts = [lo for lo, _, _ in owner]        # ascending: one bisection per checkpoint key (MoE: 10^4 keys)
+
     def source(values: torch.Tensor) -> tuple[str, int]:
         v = int(values.reshape(-1)[0])
-        for lo, hi, name in owner:
-            if lo <= v < hi:
-                return name, lo
-        raise AssertionError(v)
+        lo, hi, name = owner[bisect.bisect_right(starts, v) - 1]
+        assert lo <= v < hi, v
+        return name, lo
 
     names: dict[str, str] = {}
     experts: dict[str, dict[str, slice]] = {n: {} for n in expert_tensors}

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +129,6 @@ def quantization_config(model: nn.Module, layers: dict[str, QuantizedLinear], ac
     """
     import compressed_tensors
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
-    from harness import arch
     if layout is None:
         layout = _layout(model)
 
@@ -138,8 +137,7 @@ def quantization_config(model: nn.Module, layers: dict[str, QuantizedLinear], ac
     by_spec: dict[tuple, list[str]] = defaultdict(list)
     for name, q in layers.items():
         by_spec[tuple(sorted(ct_scheme_args(q).items()))].extend(ckpt(name))
-    kept = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)] + arch.kept_fp_modules(model)
-    ignore = [c for n in dict.fromkeys(kept) if n not in layers for c in ckpt(n)]
+    ignore = [c for n in _dense_modules(model) if n not in layers for c in ckpt(n)]
     ignore += [c for n in layout.experts if n not in layers for c in ckpt(n)]
     inputs = None
     if activations:
@@ -159,10 +157,16 @@ def quantization_config(model: nn.Module, layers: dict[str, QuantizedLinear], ac
             "sparsity_config": {}, "transform_config": {}, **data}
 
 
-def _layout(model: nn.Module) -> ckpt_layout.Layout:
+def _dense_modules(model: nn.Module) -> list[str]:
+    """The modules written as one weight each: every Linear, and the family's keep_fp modules (routers)."""
     from harness import arch
     named = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)] + arch.kept_fp_modules(model)
-    return ckpt_layout.layout(model, dict.fromkeys(named), arch.expert_tensors(model))
+    return list(dict.fromkeys(named))
+
+
+def _layout(model: nn.Module) -> ckpt_layout.Layout:
+    from harness import arch
+    return ckpt_layout.layout(model, _dense_modules(model), arch.expert_tensors(model))
 
 
 def _rows(q: QuantizedLinear, rows: slice) -> QuantizedLinear:
@@ -280,7 +284,7 @@ def _load_packed(path: Path, qcfg: dict, kwargs: dict) -> nn.Module:
                   "output_loading_info": True}
     with warnings.catch_warnings():     # "the config's quantization_config will be used" — yes, with dequantize=True
         warnings.filterwarnings("ignore", message=".*already has a `quantization_config`.*")
-        with _quiet_load_report(moe):
+        with _quiet_load_report() if moe else nullcontext():
             model = AutoModelForCausalLM.from_pretrained(path, config=config,
                                                          quantization_config=CompressedTensorsConfig(dequantize=True), **kwargs)
     if moe:
@@ -298,13 +302,10 @@ def _load_packed(path: Path, qcfg: dict, kwargs: dict) -> nn.Module:
 
 
 @contextmanager
-def _quiet_load_report(quiet: bool):
+def _quiet_load_report():
     """transformers prints every set-aside expert key as UNEXPECTED and the fused tensors as MISSING; both are
     checked here instead."""
     from transformers.utils import logging as hf_logging
-    if not quiet:
-        yield
-        return
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
